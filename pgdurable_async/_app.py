@@ -1,0 +1,152 @@
+"""The registry of a service's orchestrations and activities: :class:`App`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from ._errors import ConfigurationError, UnknownNameError
+from ._types import RetryPolicy
+
+if TYPE_CHECKING:
+    import asyncpg
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+_NAME_ATTR = "__pgdurable_name__"
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class ActivityContext:
+    """What an activity knows about the call it serves."""
+
+    instance_id: str
+    activity_id: str
+    name: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class TransactionContext(ActivityContext):
+    """An :class:`ActivityContext` with the open transaction's connection (``conn``).
+
+    Whatever the activity does through ``conn`` commits together with the record
+    of its completion, or not at all.
+    """
+
+    conn: asyncpg.Connection[Any] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ActivityDef:
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    retry: RetryPolicy
+    transactional: bool
+
+
+@dataclass(frozen=True)
+class OrchestrationDef:
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+
+
+def name_of(ref: Any, *, kind: str) -> str:
+    """The registered name of an orchestration or activity given by function or name."""
+    if isinstance(ref, str):
+        if not ref or "\x00" in ref:
+            raise UnknownNameError(f"invalid {kind} name {ref!r}", kind=kind, name=ref)
+        return ref
+    name = getattr(ref, _NAME_ATTR, None)
+    if isinstance(name, str):
+        return name
+    raise UnknownNameError(
+        f"{getattr(ref, '__qualname__', ref)!r} is not a registered {kind}; "
+        f"decorate it with @app.{kind} or pass its registered name",
+        kind=kind,
+        name=str(getattr(ref, "__qualname__", ref)),
+    )
+
+
+class App:
+    """A set of orchestrations and activities, registered with decorators.
+
+    ``@app.activity``, ``@app.transaction`` and ``@app.orchestration`` work bare or
+    called with options, and return the function unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.activities: dict[str, ActivityDef] = {}
+        self.orchestrations: dict[str, OrchestrationDef] = {}
+
+    @overload
+    def activity(self, fn: F, /) -> F: ...
+    @overload
+    def activity(self, *, name: str | None = None, retry: RetryPolicy | None = None) -> Callable[[F], F]: ...
+    def activity(
+        self, fn: F | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+    ) -> F | Callable[[F], F]:
+        """Register an activity: ``async def act(ctx: ActivityContext, input)``."""
+        return self._register_activity(fn, name=name, retry=retry, transactional=False)
+
+    @overload
+    def transaction(self, fn: F, /) -> F: ...
+    @overload
+    def transaction(
+        self, *, name: str | None = None, retry: RetryPolicy | None = None
+    ) -> Callable[[F], F]: ...
+    def transaction(
+        self, fn: F | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+    ) -> F | Callable[[F], F]:
+        """Register a transactional activity: its SQL (via ``ctx.conn``) commits with its completion."""
+        return self._register_activity(fn, name=name, retry=retry, transactional=True)
+
+    @overload
+    def orchestration(self, fn: F, /) -> F: ...
+    @overload
+    def orchestration(self, *, name: str | None = None) -> Callable[[F], F]: ...
+    def orchestration(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+        """Register an orchestration: ``async def orch(ctx: OrchestrationContext, input)``."""
+
+        def register(f: F) -> F:
+            reg_name = self._check_new(name or f.__name__, f)
+            self.orchestrations[reg_name] = OrchestrationDef(reg_name, f)
+            setattr(f, _NAME_ATTR, reg_name)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def _register_activity(
+        self, fn: F | None, *, name: str | None, retry: RetryPolicy | None, transactional: bool
+    ) -> F | Callable[[F], F]:
+        def register(f: F) -> F:
+            reg_name = self._check_new(name or f.__name__, f)
+            self.activities[reg_name] = ActivityDef(reg_name, f, retry or DEFAULT_RETRY, transactional)
+            setattr(f, _NAME_ATTR, reg_name)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def _check_new(self, name: str, fn: Callable[..., Any]) -> str:
+        if not isinstance(name, str) or not name or "\x00" in name or len(name) > 200:
+            raise ConfigurationError(f"invalid registration name {name!r}")
+        existing = self.activities.get(name) or self.orchestrations.get(name)
+        if existing is not None and existing.fn is not fn:
+            raise ConfigurationError(f"the name {name!r} is already registered")
+        return name
+
+    def orchestration_def(self, ref: Any) -> OrchestrationDef:
+        """The orchestration registered under ``ref`` (function or name)."""
+        name = name_of(ref, kind="orchestration")
+        try:
+            return self.orchestrations[name]
+        except KeyError:
+            raise UnknownNameError(
+                f"no orchestration named {name!r} is registered", kind="orchestration", name=name
+            ) from None
+
+    def activity_def(self, name: str) -> ActivityDef | None:
+        """The activity registered under ``name``, if this app has it."""
+        return self.activities.get(name)

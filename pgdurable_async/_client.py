@@ -1,0 +1,323 @@
+"""The client: start, query, signal and wait for instances."""
+
+from __future__ import annotations
+
+import builtins
+import math
+import uuid
+from types import TracebackType
+from typing import Any
+
+import anyio
+import asyncpg
+
+from . import _events as ev
+from ._app import App, name_of
+from ._errors import (
+    Cancelled,
+    ConfigurationError,
+    InstanceAlreadyExists,
+    InstanceFailed,
+    InstanceNotFound,
+    InvalidArgument,
+    PgDurableError,
+    SchemaVersionError,
+    UnknownNameError,
+)
+from ._errors import TimeoutError as DurableTimeout
+from ._migrate import latest_version, schema_version
+from ._serde import DEFAULT_MAX_PAYLOAD_BYTES, encode
+from ._sql import q
+from ._store import Database
+from ._types import HistoryEvent, InstanceState, Status
+
+MAX_ID_LENGTH = 200
+_RECHECK_SECONDS = 30.0  # safety re-check while waiting, in case a NOTIFY was missed
+
+
+def check_id(value: Any, what: str = "instance_id") -> str:
+    """Validate an instance id or event name (bound as a parameter, never spliced)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    return value
+
+
+class InstanceHandle:
+    """A reference to one instance, returned by :meth:`Client.start`."""
+
+    def __init__(self, client: Client, instance_id: str) -> None:
+        self.client = client
+        self.instance_id = instance_id
+
+    def __repr__(self) -> str:
+        return f"InstanceHandle({self.instance_id!r})"
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the output (see :meth:`Client.wait`)."""
+        return await self.client.wait(self.instance_id, timeout=timeout)
+
+    async def status(self) -> InstanceState:
+        return await self.client.status(self.instance_id)
+
+    async def history(self) -> list[HistoryEvent]:
+        return await self.client.history(self.instance_id)
+
+    async def raise_event(self, name: str, data: Any = None) -> None:
+        await self.client.raise_event(self.instance_id, name, data)
+
+    async def cancel(self, reason: str | None = None) -> None:
+        await self.client.cancel(self.instance_id, reason)
+
+    async def terminate(self, reason: str | None = None) -> None:
+        await self.client.terminate(self.instance_id, reason)
+
+
+class Client:
+    """Starts and manages instances.  Connects lazily on the first call.
+
+    ``Client(dsn)`` works alone; ``Runtime.client`` shares the runtime's pool.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "pgdurable",
+        app: App | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        _db: Database | None = None,
+    ) -> None:
+        if _db is None:
+            if not dsn:
+                raise ConfigurationError("Client needs a DSN (postgresql://user@host:port/dbname)")
+            _db = Database(dsn, schema=schema, min_size=1, max_size=5)
+        self.db = _db
+        self.app = app
+        self.max_payload_bytes = max_payload_bytes
+        self._checked = False
+        self._listener: asyncpg.Connection[Any] | None = None
+        self._waiters: dict[str, set[anyio.Event]] = {}
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client's connections (a runtime's client leaves the pool to it)."""
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                await listener.close(timeout=2)
+            except Exception:  # noqa: BLE001, S110 - closing a dead connection
+                listener.terminate()
+        if self.app is None:
+            await self.db.close()
+
+    async def _ready(self) -> Database:
+        if not self._checked:
+            version = await self.db.run(schema_version, transaction=False)
+            if version is None:
+                raise ConfigurationError(
+                    f"pgdurable schema {self.db.schema!r} is not installed: run "
+                    "`python -m pgdurable_async migrate` or start a Runtime first"
+                )
+            if version > latest_version():
+                raise SchemaVersionError(
+                    f"schema {self.db.schema!r} is at version {version}, newer than this pgdurable_async"
+                )
+            self._checked = True
+        return self.db
+
+    # -- starting ----------------------------------------------------------------
+    async def start(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> InstanceHandle:
+        """Start an orchestration (function or registered name); raises on a taken id."""
+        name = name_of(orchestration, kind="orchestration")
+        instance_id = check_id(instance_id) if instance_id is not None else uuid.uuid4().hex
+        body = encode(input, what=f"input of {name!r}", limit=self.max_payload_bytes)
+        db = await self._ready()
+        await self._check_registered(name)
+        created = await db.run(lambda conn: conn.fetchval(q("start_instance"), instance_id, name, body))
+        if created is None:
+            raise InstanceAlreadyExists(instance_id)
+        return InstanceHandle(self, instance_id)
+
+    async def _check_registered(self, name: str) -> None:
+        if self.app is not None and name in self.app.orchestrations:
+            return
+        found = await self.db.run(lambda conn: conn.fetch(q("known_names"), "orchestration", [name]), transaction=False)
+        if not found:
+            raise UnknownNameError(
+                f"no orchestration named {name!r} is registered by any runtime of this database",
+                kind="orchestration",
+                name=name,
+            )
+
+    def get_handle(self, instance_id: str) -> InstanceHandle:
+        """A handle for an existing instance id."""
+        return InstanceHandle(self, check_id(instance_id))
+
+    # -- querying ---------------------------------------------------------------------
+    async def status(self, instance_id: str) -> InstanceState:
+        """The current state of an instance; raises :class:`InstanceNotFound`."""
+        check_id(instance_id)
+        db = await self._ready()
+        row = await db.run(lambda conn: conn.fetchrow(q("get_instance"), instance_id), transaction=False)
+        if row is None:
+            raise InstanceNotFound(instance_id)
+        return _state(row)
+
+    async def list(
+        self, status: Status | str | None = None, name: Any = None, limit: int = 100
+    ) -> builtins.list[InstanceState]:
+        """Instances, newest first, optionally filtered by status and orchestration name."""
+        status_value = Status(status).value if status is not None else None
+        name_value = name_of(name, kind="orchestration") if name is not None else None
+        db = await self._ready()
+        rows = await db.run(
+            lambda conn: conn.fetch(q("list_instances"), status_value, name_value, int(limit)), transaction=False
+        )
+        return [_state(r) for r in rows]
+
+    async def history(self, instance_id: str, *, execution_id: int | None = None) -> builtins.list[HistoryEvent]:
+        """The events of the current (or given) execution, in ``seq`` order."""
+        state = await self.status(instance_id)
+        rows = await self.db.run(
+            lambda conn: conn.fetch(q("get_history"), state.instance_id, execution_id), transaction=False
+        )
+        return [HistoryEvent(r["seq"], r["event_type"], r["payload"] or {}, r["recorded_at"], r["execution_id"])
+                for r in rows]
+
+    # -- signalling -------------------------------------------------------------------
+    async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
+        """Deliver an event to ``ctx.wait_for_event(name)``; a finished instance ignores it."""
+        check_id(name, "event name")
+        body = encode({"name": name, "data": data}, what=f"data of event {name!r}", limit=self.max_payload_bytes)
+        await self._send(instance_id, ev.EVENT_RECEIVED, body)
+
+    async def cancel(self, instance_id: str, reason: str | None = None) -> None:
+        """Ask the instance to stop: ``pgd.Cancelled`` is raised at its current await."""
+        await self._send(instance_id, ev.CANCEL_REQUESTED, encode({"reason": reason}, what="cancel reason"))
+
+    async def _send(self, instance_id: str, kind: str, body: str) -> None:
+        check_id(instance_id)
+        db = await self._ready()
+
+        async def send(conn: asyncpg.Connection[Any]) -> None:
+            if await conn.fetchval(q("send_message"), instance_id, kind, body) is None:
+                if await conn.fetchval(q("instance_exists"), instance_id) is None:
+                    raise InstanceNotFound(instance_id)
+
+        await db.run(send)
+
+    async def terminate(self, instance_id: str, reason: str | None = None) -> None:
+        """Stop the instance now, without running any more of its code."""
+        check_id(instance_id)
+        db = await self._ready()
+
+        async def terminate(conn: asyncpg.Connection[Any]) -> None:
+            row = await conn.fetchrow(q("lock_instance"), instance_id)
+            if row is None:
+                raise InstanceNotFound(instance_id)
+            if Status(row["status"]).is_terminal:
+                return
+            seq = row["history_len"] + 1
+            await conn.execute(q("terminate_instance"), instance_id, row["execution_id"], seq, reason)
+            if row["parent_instance_id"]:
+                payload = encode({"task_id": row["parent_task_id"], "instance_id": instance_id,
+                                  "error": {"type": "Terminated", "message": reason or "terminated"}})
+                await conn.execute(q("enqueue_messages"), [row["parent_instance_id"]], [row["parent_execution_id"]],
+                                   [ev.SUB_ORCHESTRATION_FAILED], [payload])
+
+        await db.run(terminate)
+
+    async def purge(self, instance_id: str) -> None:
+        """Delete a finished instance and its history."""
+        check_id(instance_id)
+        db = await self._ready()
+
+        async def purge(conn: asyncpg.Connection[Any]) -> None:
+            if not await conn.fetchval(q("purge_instance"), instance_id):
+                status = await conn.fetchval(q("instance_exists"), instance_id)
+                if status is None:
+                    raise InstanceNotFound(instance_id)
+                raise PgDurableError(f"instance {instance_id!r} is {status}; only finished instances can be purged")
+            await conn.execute(q("purge_history"), instance_id)
+
+        await db.run(purge)
+
+    # -- waiting ----------------------------------------------------------------------
+    async def wait(self, instance_id: str, timeout: float | None = None) -> Any:
+        """Wait until the instance finishes and return its output.
+
+        Raises :class:`InstanceFailed`, :class:`Cancelled` or :class:`pgd.TimeoutError`.
+        Woken by NOTIFY; no polling.
+        """
+        check_id(instance_id)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        await self._ensure_listener()
+        while True:
+            event = anyio.Event()
+            self._waiters.setdefault(instance_id, set()).add(event)
+            try:
+                state = await self.status(instance_id)
+                if state.status.is_terminal:
+                    return _outcome(state)
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    raise DurableTimeout(f"instance {instance_id!r} did not finish within {timeout} s",
+                                         instance_id=instance_id)
+                with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
+                    await event.wait()
+                if self._listener is None or self._listener.is_closed():
+                    await self._ensure_listener()
+            finally:
+                waiters = self._waiters.get(instance_id)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del self._waiters[instance_id]
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        await self._ready()
+        conn = await self.db.connect()
+        await conn.add_listener(self.db.channel("done"), self._on_done)
+        self._listener = conn
+
+    def _on_done(self, _conn: Any, _pid: int, _channel: str, instance_id: str) -> None:
+        for event in self._waiters.get(instance_id, ()):
+            event.set()
+
+
+def _state(row: asyncpg.Record) -> InstanceState:
+    return InstanceState(
+        instance_id=row["instance_id"],
+        name=row["name"],
+        status=Status(row["status"]),
+        input=row["input"],
+        output=row["output"],
+        error=row["error"],
+        custom_status=row["custom_status"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        execution_id=row["execution_id"],
+        parent_instance_id=row["parent_instance_id"],
+    )
+
+
+def _outcome(state: InstanceState) -> Any:
+    if state.status is Status.COMPLETED:
+        return state.output
+    if state.status is Status.CANCELLED:
+        reason = state.error.get("reason") if isinstance(state.error, dict) else None
+        raise Cancelled(f"instance {state.instance_id!r} was cancelled", instance_id=state.instance_id, reason=reason)
+    raise InstanceFailed(state.instance_id, state.error)

@@ -1,0 +1,47 @@
+"""JSON encoding of inputs, outputs and event payloads (orjson), with a size limit."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import orjson
+
+from ._errors import SerializationError
+
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+_NUL_ESCAPE = b"\\u0000"
+
+
+def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """Encode ``value`` as JSON text, or raise :class:`SerializationError`."""
+    try:
+        raw = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:
+        raise SerializationError(f"{what} is not JSON-serializable: {exc}", what=what) from None
+    if len(raw) > limit:
+        raise SerializationError(
+            f"{what} is {len(raw)} bytes encoded, over the {limit}-byte payload limit",
+            what=what,
+            size=len(raw),
+            limit=limit,
+        )
+    if _NUL_ESCAPE in raw:
+        raise SerializationError(f"{what} contains a NUL character, which PostgreSQL cannot store", what=what)
+    return raw.decode()
+
+
+def decode(text: str | bytes) -> Any:
+    """Decode JSON text produced by :func:`encode` or read from a jsonb column."""
+    return orjson.loads(text)
+
+
+def normalize(value: Any) -> Any:
+    """The value as it reads back from the database (tuples become lists, and so on)."""
+    return orjson.loads(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
+
+
+def error_payload(exc: BaseException) -> dict[str, str]:
+    """A JSON description of an exception: type, message, traceback text."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": tb}

@@ -1,0 +1,206 @@
+"""Durable tasks: what an orchestration awaits.
+
+A task is lazy, like a coroutine: it is scheduled (and its command recorded)
+when it is first awaited or handed to ``ctx.all`` / ``ctx.any``.  Tasks never
+touch asyncio; the replay engine resolves them from history events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._errors import PgDurableError
+
+if TYPE_CHECKING:
+    from ._engine import Execution
+
+T = TypeVar("T")
+_UNSET: Any = object()
+
+
+class Task(Generic[T]):
+    """A unit of durable work inside an orchestration (activity, timer, event, ...)."""
+
+    __slots__ = ("_engine", "_started", "_result", "_error", "_callbacks", "task_id")
+
+    def __init__(self, engine: Execution) -> None:
+        self._engine = engine
+        self._started = False
+        self._result: Any = _UNSET
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Task[Any]], None]] = []
+        self.task_id: int | None = None
+
+    # -- state -------------------------------------------------------------
+    def done(self) -> bool:
+        """True once the task has a result or an error."""
+        return self._result is not _UNSET or self._error is not None
+
+    def result(self) -> T:
+        """The task's value; raises its error if it failed."""
+        if self._error is not None:
+            raise self._error
+        if self._result is _UNSET:
+            raise PgDurableError("task is not finished yet")
+        return self._result  # type: ignore[no-any-return]
+
+    def exception(self) -> BaseException | None:
+        """The task's error, or None."""
+        return self._error
+
+    # -- engine side -------------------------------------------------------
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._on_start()
+
+    def _on_start(self) -> None:
+        raise NotImplementedError
+
+    def _add_callback(self, callback: Callable[[Task[Any]], None]) -> None:
+        if self.done():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def _resolve(self, value: Any) -> None:
+        if not self.done():
+            self._result = value
+            self._fire()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done():
+            self._error = error
+            self._fire()
+
+    def _fire(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        self._start()
+        if not self.done():
+            yield self
+        return self.result()
+
+
+class ActivityTask(Task[T]):
+    __slots__ = ("name", "input", "retry")
+
+    def __init__(self, engine: Execution, name: str, input: Any, retry: dict[str, Any] | None) -> None:
+        super().__init__(engine)
+        self.name, self.input, self.retry = name, input, retry
+
+    def _on_start(self) -> None:
+        data: dict[str, Any] = {"name": self.name, "input": self.input}
+        if self.retry is not None:
+            data["retry"] = self.retry
+        self._engine.schedule(self, "activity_scheduled", data)
+
+
+class TimerTask(Task[None]):
+    __slots__ = ("fire_at", "on_fire")
+
+    def __init__(self, engine: Execution, fire_at: datetime) -> None:
+        super().__init__(engine)
+        self.fire_at = fire_at
+        self.on_fire: Callable[[], None] | None = None
+
+    def _on_start(self) -> None:
+        self._engine.schedule(self, "timer_created", {"fire_at": self.fire_at.isoformat()})
+
+
+class ChildTask(Task[T]):
+    __slots__ = ("name", "input", "instance_id")
+
+    def __init__(self, engine: Execution, name: str, input: Any, instance_id: str | None) -> None:
+        super().__init__(engine)
+        self.name, self.input, self.instance_id = name, input, instance_id
+
+    def _on_start(self) -> None:
+        self._engine.schedule_child(self)
+
+
+class EventTask(Task[T]):
+    """``ctx.wait_for_event``: resolved by the next matching raised event, or times out."""
+
+    __slots__ = ("name", "timeout_at")
+
+    def __init__(self, engine: Execution, name: str, timeout_at: datetime | None) -> None:
+        super().__init__(engine)
+        self.name, self.timeout_at = name, timeout_at
+
+    def _on_start(self) -> None:
+        self._engine.subscribe(self)
+
+
+class AllTask(Task[list[Any]]):
+    """``ctx.all``: every child's result in order; fails fast on the first failure."""
+
+    __slots__ = ("children", "limit", "_next", "_remaining")
+
+    def __init__(self, engine: Execution, children: Sequence[Task[Any]], limit: int | None) -> None:
+        super().__init__(engine)
+        self.children = list(children)
+        self.limit = limit
+        self._next = 0
+        self._remaining = len(self.children)
+
+    def _on_start(self) -> None:
+        if not self.children:
+            self._resolve([])
+            return
+        window = len(self.children) if self.limit is None else self.limit
+        for _ in range(min(window, len(self.children))):
+            self._start_next()
+
+    def _start_next(self) -> None:
+        child = self.children[self._next]
+        self._next += 1
+        child._start()
+        child._add_callback(self._child_done)
+
+    def _child_done(self, child: Task[Any]) -> None:
+        if self.done():
+            return
+        if child._error is not None:
+            self._fail(child._error)
+            return
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._resolve([c._result for c in self.children])
+        elif self._next < len(self.children):
+            self._start_next()
+
+
+class AnyTask(Task[Task[Any]]):
+    """``ctx.any``: the first child to finish (its ``.result()`` gives the value or raises)."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, engine: Execution, children: Sequence[Task[Any]]) -> None:
+        super().__init__(engine)
+        self.children = list(children)
+
+    def _on_start(self) -> None:
+        if not self.children:
+            raise ValueError("ctx.any() needs at least one task")
+        for child in self.children:
+            child._start()
+            child._add_callback(self._resolve)
+
+
+class FiberTask(Task[T]):
+    """A plain coroutine (for example a helper ``async def``) run concurrently by the engine."""
+
+    __slots__ = ("coro",)
+
+    def __init__(self, engine: Execution, coro: Coroutine[Any, Any, T]) -> None:
+        super().__init__(engine)
+        self.coro = coro
+
+    def _on_start(self) -> None:
+        self._engine.spawn(self)

@@ -1,0 +1,90 @@
+"""Plain value types of the public API."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    """The lifecycle state of an instance."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TERMINATED = "terminated"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the instance can make no more progress."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TERMINATED})
+TERMINAL_STATUSES: tuple[str, ...] = tuple(s.value for s in _TERMINAL)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how far apart, a failed activity is tried again.
+
+    Attempt ``n`` (1-based) that fails is retried after
+    ``min(initial_interval * backoff ** (n - 1), max_interval)`` seconds, until
+    ``max_attempts`` attempts have run.  Exceptions whose type name is in
+    ``non_retryable`` fail at once.
+    """
+
+    max_attempts: int = 3
+    initial_interval: float = 1.0
+    backoff: float = 2.0
+    max_interval: float = 60.0
+    non_retryable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+        if self.initial_interval < 0 or self.max_interval < 0 or self.backoff < 1:
+            raise ValueError("RetryPolicy intervals must be >= 0 and backoff >= 1")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        return float(min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval))
+
+    def should_retry(self, attempt: int, error_type: str) -> bool:
+        """Whether failed attempt ``attempt`` with ``error_type`` gets another try."""
+        return attempt < self.max_attempts and error_type not in self.non_retryable
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """A snapshot of one instance, as returned by ``Client.status`` and ``Client.list``."""
+
+    instance_id: str
+    name: str
+    status: Status
+    input: Any
+    output: Any
+    error: Any
+    custom_status: Any
+    created_at: datetime
+    updated_at: datetime
+    execution_id: int = 1
+    parent_instance_id: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One recorded fact of an execution's history."""
+
+    seq: int
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    recorded_at: datetime | None = None
+    execution_id: int = 1

@@ -1,0 +1,123 @@
+"""EmbeddedCluster against the real PostgreSQL server binaries of this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from pgdurable_async._cluster import EmbeddedCluster
+from pgdurable_async._errors import ConfigurationError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _select_one(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        value: int = await conn.fetchval("SELECT 1")
+        return value
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_start_query_restart_stop() -> None:
+    cluster = EmbeddedCluster()
+    async with cluster:
+        dsn = cluster.dsn
+        assert dsn == f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres"
+        tempdir = cluster.datadir.parent
+        assert tempdir.name.startswith("pgdurable-")
+        assert await _select_one(dsn) == 1
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SHOW max_connections") == "300"
+            assert await conn.fetchval("SHOW fsync") == "on"
+        finally:
+            await conn.close()
+
+        await asyncio.to_thread(cluster.restart)  # immediate: crash + recovery
+        assert cluster.dsn == dsn
+        assert await _select_one(dsn) == 1
+
+    assert not tempdir.exists()
+    cluster.stop()  # idempotent
+    with pytest.raises((OSError, asyncpg.PostgresError)):
+        await asyncpg.connect(dsn, timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_data_survives_fast_restart() -> None:
+    async with EmbeddedCluster() as cluster:
+        conn = await asyncpg.connect(cluster.dsn)
+        try:
+            await conn.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (42)")
+        finally:
+            await conn.close()
+        await asyncio.to_thread(cluster.restart, "fast")
+        conn = await asyncpg.connect(cluster.dsn)
+        try:
+            assert await conn.fetchval("SELECT v FROM t") == 42
+        finally:
+            await conn.close()
+
+
+def test_sync_context_manager_with_settings() -> None:
+    with EmbeddedCluster(settings={"max_connections": "42"}) as cluster:
+        tempdir = cluster.datadir.parent
+        assert (cluster.datadir / "PG_VERSION").exists()
+
+        async def show() -> str:
+            conn = await asyncpg.connect(cluster.dsn)
+            try:
+                value: str = await conn.fetchval("SHOW max_connections")
+                return value
+            finally:
+                await conn.close()
+
+        assert asyncio.run(show()) == "42"
+    assert not tempdir.exists()
+
+
+def test_failed_start_reports_server_log_and_cleans_up() -> None:
+    cluster = EmbeddedCluster(settings={"shared_buffers": "not-a-size"})
+    with pytest.raises(ConfigurationError) as info:
+        cluster.start()
+    message = str(info.value)
+    assert "pg_ctl start failed" in message
+    assert "shared_buffers" in message  # quoted from the server log
+    match = re.search(r"server log \((\S+)\)", message)
+    assert match is not None
+    assert not Path(match.group(1)).parent.exists()
+    cluster.stop()  # nothing left to do
+
+
+def test_atexit_stops_a_cluster_left_running() -> None:
+    script = (
+        "from pgdurable_async._cluster import EmbeddedCluster\n"
+        "c = EmbeddedCluster()\n"
+        "c.start()\n"
+        "print(c.port, c.datadir.parent, flush=True)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    port_text, tempdir = proc.stdout.split()
+    assert not Path(tempdir).exists()
+    with socket.socket() as sock, pytest.raises(OSError):
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", int(port_text)))
