@@ -13,7 +13,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -108,18 +108,18 @@ class ActivityWorker:
         return items
 
     def _item(self, r: asyncpg.Record) -> WorkItem:
-        retry = RetryPolicy(**{k: tuple(v) if k == "non_retryable" else v for k, v in r["retry"].items()}) if r[
-            "retry"
-        ] else None
+        retry = _policy(r["retry"]) if r["retry"] else None
         return WorkItem(r["id"], r["instance_id"], r["execution_id"], r["task_id"], r["name"], r["input"], retry,
                         r["attempt"], r["lease_token"])
 
     async def next_due(self) -> float | None:
         """Seconds until the earliest queued item becomes visible (None: queue empty)."""
-        due = await self.db.run(lambda conn: conn.fetchval(q("next_work_due"), self.names), transaction=False)
+        due: datetime | None = await self.db.run(
+            lambda conn: conn.fetchval(q("next_work_due"), self.names), transaction=False
+        )
         if due is None:
             return None
-        return max(0.0, (due - datetime.now(timezone.utc)).total_seconds())
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
 
     # -- running ----------------------------------------------------------------
     async def execute(self, item: WorkItem) -> None:
@@ -243,6 +243,16 @@ class ActivityWorker:
                 transaction=False,
                 retry_for=5,
             )
+
+
+def _policy(data: dict[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=int(data.get("max_attempts", 3)),
+        initial_interval=float(data.get("initial_interval", 1.0)),
+        backoff=float(data.get("backoff", 2.0)),
+        max_interval=float(data.get("max_interval", 60.0)),
+        non_retryable=tuple(data.get("non_retryable", ())),
+    )
 
 
 class _Unencodable(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -84,7 +85,9 @@ class App:
     @overload
     def activity(self, fn: F, /) -> F: ...
     @overload
-    def activity(self, *, name: str | None = None, retry: RetryPolicy | None = None) -> Callable[[F], F]: ...
+    def activity(
+        self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+    ) -> Callable[[F], F]: ...
     def activity(
         self, fn: F | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
     ) -> F | Callable[[F], F]:
@@ -95,7 +98,7 @@ class App:
     def transaction(self, fn: F, /) -> F: ...
     @overload
     def transaction(
-        self, *, name: str | None = None, retry: RetryPolicy | None = None
+        self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
     ) -> Callable[[F], F]: ...
     def transaction(
         self, fn: F | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
@@ -106,7 +109,7 @@ class App:
     @overload
     def orchestration(self, fn: F, /) -> F: ...
     @overload
-    def orchestration(self, *, name: str | None = None) -> Callable[[F], F]: ...
+    def orchestration(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
     def orchestration(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
         """Register an orchestration: ``async def orch(ctx: OrchestrationContext, input)``."""
 
@@ -130,6 +133,8 @@ class App:
         return register(fn) if fn is not None else register
 
     def _check_new(self, name: str, fn: Callable[..., Any]) -> str:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(f"{getattr(fn, '__qualname__', fn)!r} must be an `async def` function")
         if not isinstance(name, str) or not name or "\x00" in name or len(name) > 200:
             raise ConfigurationError(f"invalid registration name {name!r}")
         existing = self.activities.get(name) or self.orchestrations.get(name)

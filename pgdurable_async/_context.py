@@ -97,7 +97,9 @@ class OrchestrationContext:
         deadline = None if timeout is None else self.now() + _as_timedelta(timeout)
         return EventTask(self._engine, name, deadline)
 
-    def all(self, tasks: Iterable[Task[Any] | Coroutine[Any, Any, Any]], *, limit: int | None = None) -> Task[list[Any]]:
+    def all(
+        self, tasks: Iterable[Task[Any] | Coroutine[Any, Any, Any]], *, limit: int | None = None
+    ) -> Task[list[Any]]:
         """All results in task order; at most ``limit`` running at once; fails on the first failure."""
         if limit is not None and limit < 1:
             raise ValueError("limit must be at least 1")

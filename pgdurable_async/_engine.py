@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from . import _events as ev
@@ -25,7 +25,7 @@ from ._serde import DEFAULT_MAX_PAYLOAD_BYTES, encode, error_payload, normalize
 from ._tasks import ChildTask, EventTask, FiberTask, Task, TimerTask
 
 OrchestrationFn = Callable[[OrchestrationContext, Any], Coroutine[Any, Any, Any]]
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ class Execution:
         task_id = self._next_task_id
         child_id = task.instance_id or f"{self.instance_id}:{self.execution_id}:{task_id}"
         task.instance_id = child_id
-        self.schedule(task, ev.SUB_ORCHESTRATION_SCHEDULED, {"name": task.name, "instance_id": child_id, "input": task.input})
+        data = {"name": task.name, "instance_id": child_id, "input": task.input}
+        self.schedule(task, ev.SUB_ORCHESTRATION_SCHEDULED, data)
 
     def subscribe(self, task: EventTask[Any]) -> None:
         inbox = self._inbox.get(task.name)
@@ -284,7 +285,8 @@ class Execution:
             return
         main.generation += 1  # detach it from whatever it awaited
         main.waiting_on = None
-        self._ready.append((main, Cancelled(f"instance {self.instance_id!r} was cancelled", instance_id=self.instance_id, reason=reason)))
+        error = Cancelled(f"instance {self.instance_id!r} was cancelled", instance_id=self.instance_id, reason=reason)
+        self._ready.append((main, error))
 
     def _nondeterminism(self, message: str) -> None:
         if self._fault is None:
@@ -324,8 +326,7 @@ class Execution:
                 if yielded.done():
                     continue
                 fiber.waiting_on = yielded
-                generation = fiber.generation
-                yielded._add_callback(lambda _t: self._wake(fiber, generation))
+                yielded._add_callback(self._waker(fiber))
                 return
             throw = NonDeterminismError(
                 f"an orchestration may only await ctx tasks, not {type(yielded).__name__}; "
@@ -333,10 +334,15 @@ class Execution:
             )
             self._fault = throw
 
-    def _wake(self, fiber: _Fiber, generation: int) -> None:
-        if fiber.generation == generation:
-            fiber.waiting_on = None
-            self._ready.append((fiber, None))
+    def _waker(self, fiber: _Fiber) -> Callable[[Task[Any]], None]:
+        generation = fiber.generation
+
+        def wake(_task: Task[Any]) -> None:
+            if fiber.generation == generation:  # else a cancel already resumed it
+                fiber.waiting_on = None
+                self._ready.append((fiber, None))
+
+        return wake
 
     def _conclude(self, main: FiberTask[Any]) -> None:
         error = main._error
@@ -360,9 +366,8 @@ class Execution:
         if not self.replaying:
             self._record(event)
         self._ready.clear()
-        for fiber in (self._main,):
-            if fiber is not None and fiber.task.coro.cr_frame is not None:
-                fiber.task.coro.close()
+        if self._main is not None:
+            self._main.task.coro.close()
 
 
 def _same_command(kind: str, recorded: dict[str, Any], issued: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -179,7 +179,7 @@ class Runtime:
             try:
                 conn = await self.db.connect()
                 self._listener = conn
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(_set_on_call(lost))
                 for channel, wakeup in channels.items():
                     await conn.add_listener(channel, _notify_to(wakeup))
                 await conn.execute(q("register_worker"), self.worker_id)
@@ -255,24 +255,33 @@ class Runtime:
                     if worker.free < threshold and worker.inflight:
                         await worker.capacity.wait(seen_cap)  # claim in batches, not one by one
                         continue
-                    wanted = min(worker.free, worker.claim_batch)
-                    claimed: list[WorkItem] = []
-                    wait_for: float | None = None
-
-                    async def step() -> None:
-                        nonlocal claimed, wait_for
-                        claimed = await worker.claim()
-                        if len(claimed) < wanted:
-                            wait_for = await worker.next_due()
-
-                    await self._guarded("activity claim", step)
+                    claimed, wait_for = await self._claim_step()
                     for item in claimed:
                         running.start_soon(worker.execute, item)
-                    if claimed and len(claimed) >= wanted:
-                        continue
+                    if wait_for == 0.0:
+                        continue  # claimed a full batch: there may be more
                     await self._work.wait(seen_work, _deadline(wait_for))
         finally:
             self._activities_drained.set()
+
+    async def _claim_step(self) -> tuple[list[WorkItem], float | None]:
+        """Claim a batch; also say how long to sleep (0: go again, None: until woken)."""
+        worker = self.activities
+        wanted = min(worker.free, worker.claim_batch)
+        claimed: list[WorkItem] = []
+        wait_for: float | None = None
+
+        async def step() -> None:
+            nonlocal claimed, wait_for
+            claimed = await worker.claim()
+            if len(claimed) >= wanted:
+                wait_for = 0.0
+            else:  # visible rows we could not claim are being claimed by someone else: look again soon
+                due = await worker.next_due()
+                wait_for = None if due is None else max(due, 0.05)
+
+        await self._guarded("activity claim", step)
+        return claimed, wait_for
 
     async def _ack_loop(self) -> None:
         worker = self.activities
@@ -309,10 +318,17 @@ class Runtime:
                     return
                 earliest = await self.db.run(lambda conn: conn.fetchval(q("next_timer"), names), transaction=False)
                 if earliest is not None:
-                    wait_for = max(0.0, (earliest - datetime.now(timezone.utc)).total_seconds()) + 0.002
+                    wait_for = max(0.0, (earliest - datetime.now(UTC)).total_seconds()) + 0.002
 
             await self._guarded("timer", step)
             await self._timer.wait(seen, wait_for)
+
+
+def _set_on_call(event: anyio.Event) -> Any:
+    def on_call(*_args: Any) -> None:
+        event.set()
+
+    return on_call
 
 
 def _notify_to(wakeup: Wakeup) -> Any:

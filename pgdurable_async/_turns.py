@@ -8,11 +8,12 @@ costs O(k), not O(history).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -84,7 +85,7 @@ class TurnProcessor:
         if not self.names:
             return 0
         try:
-            return await self.db.run(lambda conn: self._batch(conn, None))
+            return await self.db.run(self._batch)
         except DatabaseError as exc:
             if exc.transient:  # type: ignore[attr-defined]
                 raise
@@ -92,15 +93,15 @@ class TurnProcessor:
             return await self._one_by_one()
 
     async def _one_by_one(self) -> int:
-        ids = await self.db.run(lambda conn: self._claimable(conn), transaction=False)
+        ids = await self.db.run(self._claimable, transaction=False)
         done = 0
         for instance_id in ids:
             try:
-                done += await self.db.run(lambda conn, i=instance_id: self._batch(conn, i))
+                done += await self.db.run(functools.partial(self._batch, only=instance_id))
             except DatabaseError as exc:
                 if getattr(exc, "transient", False):
                     raise
-                await self.db.run(lambda conn, i=instance_id, e=exc: self._fail_instance(conn, i, e))
+                await self.db.run(functools.partial(self._fail_instance, instance_id=instance_id, exc=exc))
                 done += 1
         return done
 
@@ -117,7 +118,7 @@ class TurnProcessor:
         error = {"type": "TurnError", "message": f"a turn could not be written: {exc}", "traceback": ""}
         seq = row["history_len"] + 1
         w.history.append((instance_id, row["execution_id"], seq, ev.ORCHESTRATION_FAILED, _json({"error": error}),
-                          datetime.now(timezone.utc)))
+                          datetime.now(UTC)))
         w.updates.append((instance_id, "failed", None, _json(error), False, None, row["execution_id"], seq, None))
         w.finished.append(instance_id)
         if row["parent_instance_id"]:
@@ -125,7 +126,7 @@ class TurnProcessor:
         await self._write(conn, w)
 
     # -- one batch -------------------------------------------------------------
-    async def _batch(self, conn: asyncpg.Connection[Any], only: str | None) -> int:
+    async def _batch(self, conn: asyncpg.Connection[Any], only: str | None = None) -> int:
         if only is None:
             rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4)
         else:
@@ -137,7 +138,7 @@ class TurnProcessor:
         for msg in await conn.fetch(q("fetch_messages"), ids):
             inbox[msg["instance_id"]].append(msg)
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         w = _Writes()
         runs: dict[str, Execution] = {}
         live: list[tuple[asyncpg.Record, list[asyncpg.Record]]] = []
@@ -167,7 +168,9 @@ class TurnProcessor:
         self._remember(runs)
         return len(rows)
 
-    async def _load(self, conn: asyncpg.Connection[Any], rows: list[asyncpg.Record], runs: dict[str, Execution]) -> None:
+    async def _load(
+        self, conn: asyncpg.Connection[Any], rows: list[asyncpg.Record], runs: dict[str, Execution]
+    ) -> None:
         """Executions for ``rows``: from the cache when current, else by replaying history."""
         cold: list[asyncpg.Record] = []
         for row in rows:
@@ -199,7 +202,7 @@ class TurnProcessor:
     def _new_execution(self, row: asyncpg.Record) -> Execution:
         definition = self.app.orchestrations[row["name"]]
         return Execution(
-            definition.fn,
+            definition.fn,  # type: ignore[arg-type]
             instance_id=row["instance_id"],
             execution_id=row["execution_id"],
             name=row["name"],

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The lifecycle state of an instance."""
 
     PENDING = "pending"
@@ -17,9 +17,6 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     TERMINATED = "terminated"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_terminal(self) -> bool:
