@@ -187,11 +187,11 @@ class ActivityWorker:
             self.capacity.set()
 
     # -- acking -----------------------------------------------------------------
-    async def flush(self) -> int:
-        """Write every buffered outcome in one transaction; returns how many."""
+    async def flush(self) -> tuple[int, int]:
+        """Write every buffered outcome in one transaction; returns (acked, retried)."""
         batch, self._outcomes = self._outcomes, []
         if not batch:
-            return 0
+            return 0, 0
         acks = [o for o in batch if o.kind != "retry"]
         retries = [o for o in batch if o.kind == "retry"]
 
@@ -225,7 +225,7 @@ class ActivityWorker:
         self.stats["retried"] += len(retries)
         self.acked.set()
         self._freed()
-        return len(batch)
+        return len(acks), len(retries)
 
     async def extend_leases(self) -> None:
         """Push the lease expiry of running, non-transactional items forward."""

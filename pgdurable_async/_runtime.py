@@ -289,8 +289,11 @@ class Runtime:
             seen = worker.acks_pending.generation
 
             async def step() -> None:
-                if await worker.flush():
+                acked, retried = await worker.flush()
+                if acked:
                     self._orch.set()
+                if retried:
+                    self._work.set()  # the dispatcher re-reads the earliest visible_at
 
             await self._guarded("activity ack", step)
             await worker.acks_pending.wait(seen)

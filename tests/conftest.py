@@ -71,45 +71,42 @@ _counter = itertools.count()
 @pytest.fixture(scope="session")
 async def template_database(pg_server: PgServer) -> AsyncIterator[str]:
     """A database with the schema migrated once; each test gets a copy of it."""
-    admin = await asyncpg.connect(pg_server.admin_dsn)
+    await _admin(pg_server, f'DROP DATABASE IF EXISTS "{_TEMPLATE}"', f'CREATE DATABASE "{_TEMPLATE}"')
+    await migrate(pg_server.dsn_for(_TEMPLATE))
+    yield _TEMPLATE
+    await _admin(pg_server, f'DROP DATABASE IF EXISTS "{_TEMPLATE}" WITH (FORCE)')
+
+
+async def _admin(pg_server: PgServer, *statements: str) -> None:
+    """Run statements on a short-lived admin connection (a test may restart the server)."""
+    conn = await asyncpg.connect(pg_server.admin_dsn)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{_TEMPLATE}"')
-        await admin.execute(f'CREATE DATABASE "{_TEMPLATE}"')
-        await migrate(pg_server.dsn_for(_TEMPLATE))
-        yield _TEMPLATE
-        await admin.execute(f'DROP DATABASE IF EXISTS "{_TEMPLATE}" WITH (FORCE)')
+        for statement in statements:
+            await conn.execute(statement)
     finally:
-        await admin.close()
+        await conn.close()
 
 
 @pytest.fixture
 async def dsn(pg_server: PgServer, template_database: str) -> AsyncIterator[str]:
     """A fresh database with the pgdurable schema installed, dropped after the test."""
     name = f"pgd_test_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        for attempt in range(20):  # the template may briefly have a session open
-            try:
-                await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-                break
-            except asyncpg.ObjectInUseError:
-                if attempt == 19:
-                    raise
-                await asyncio.sleep(0.1)
-        yield pg_server.dsn_for(name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    for attempt in range(20):  # the template may briefly have a session open
+        try:
+            await _admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+            break
+        except asyncpg.ObjectInUseError:
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.1)
+    yield pg_server.dsn_for(name)
+    await _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def empty_dsn(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh database with nothing installed (for migration tests)."""
     name = f"pgd_empty_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield pg_server.dsn_for(name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _admin(pg_server, f'CREATE DATABASE "{name}"')
+    yield pg_server.dsn_for(name)
+    await _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
