@@ -66,19 +66,22 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     """Serve the app until SIGTERM/SIGINT, then drain and exit 0."""
     app = load_app(args.app)
     runtime = Runtime(app, args.dsn, schema=args.schema, max_concurrency=args.concurrency)
+    # Runtime.stop() must run in the task and cancel-scope level that started it,
+    # so the second-signal watcher's task group encloses the runtime.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with runtime:
-            log.info(
-                "worker %s ready: %d orchestrations, %d activities, concurrency %d",
-                runtime.worker_id, len(app.orchestrations), len(app.activities), args.concurrency,
-            )
-            async for signum in signals:
-                log.info("%s received: draining (up to %.0f s)", signal.Signals(signum).name, runtime.drain_timeout)
-                break
-            async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:
+            async with runtime:
+                log.info(
+                    "worker %s ready: %d orchestrations, %d activities, concurrency %d",
+                    runtime.worker_id, len(app.orchestrations), len(app.activities), args.concurrency,
+                )
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    log.info("%s received: draining (up to %.0f s)", name, runtime.drain_timeout)
+                    break
                 tg.start_soon(_exit_on_second_signal, signals)
                 await runtime.stop()
-                tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
     log.info("worker stopped")
     return 0
 
@@ -120,8 +123,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo fan-out workflow on an embedded runtime, showing progress."""
     from ._demo import run_demo
 
-    if args.fanout < 1:
-        raise UsageError("--fanout must be at least 1")
     async with database(args.dsn) as dsn:
         await run_demo(dsn, schema=args.schema, fanout=args.fanout, out=sys.stdout)
     return 0
@@ -142,6 +143,9 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str).decode())
+    if isinstance(result, dict) and result.get("ok") is False:
+        print("error: the benchmark ran but some of its correctness checks failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("worker", cmd_worker, "run a worker for an app until SIGTERM/SIGINT (graceful drain)")
     p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the pgd.App to serve, e.g. myservice.jobs:app")
-    p.add_argument("--concurrency", type=_positive, default=64, metavar="N", help="max concurrent activities/turns")
+    p.add_argument("--concurrency", type=count, default=64, metavar="N", help="max concurrent activities/turns")
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", admin.cmd_list, "list instances, newest first")
     p.add_argument("--status", choices=[s.value for s in Status], help="only instances in this status")
     p.add_argument("--name", help="only instances of this orchestration")
-    p.add_argument("--limit", type=_positive, default=100, metavar="N", help="at most N rows (default: %(default)s)")
+    p.add_argument("--limit", type=count, default=100, metavar="N", help="at most N rows (default: %(default)s)")
     _json_flag(p)
     p = add("history", admin.cmd_history, "show an instance's event history")
     p.add_argument("id", help="instance id")
@@ -199,11 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("purge", admin.cmd_purge, "delete a finished instance and its history")
     p.add_argument("id", help="instance id")
     p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress", needs_dsn=False)
-    p.add_argument("--fanout", type=int, default=200, metavar="N", help="activities to fan out (default: %(default)s)")
+    p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
     p = add("bench", cmd_bench, "measure fan-out throughput", needs_dsn=False)
-    p.add_argument("--fanout", type=_positive, default=10_000, metavar="N", help="activities per workflow")
-    p.add_argument("--workflows", type=_positive, default=1_000, metavar="N", help="workflows to start")
-    p.add_argument("--concurrency", type=_positive, default=256, metavar="N", help="runtime max_concurrency")
+    p.add_argument("--fanout", type=count, default=10_000, metavar="N", help="activities per workflow")
+    p.add_argument("--workflows", type=count, default=1_000, metavar="N", help="workflows to start")
+    p.add_argument("--concurrency", type=count, default=256, metavar="N", help="runtime max_concurrency")
     p.add_argument("--json", action="store_true", help="also print the result as JSON (report goes to stderr)")
     return parser
 
@@ -212,7 +216,7 @@ def _json_flag(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
-def _positive(text: str) -> int:
+def count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -265,9 +269,9 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 def _error(exc: BaseException) -> None:
     text = " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    if isinstance(exc, Cancelled):
-        text = f"instance {exc.instance_id!r} was cancelled" + (f": {exc.reason}" if exc.reason else "")
-    elif not text or isinstance(exc, OSError | ValueError) and not isinstance(exc, PgDurableError):
+    if isinstance(exc, Cancelled) and exc.reason:
+        text = f"{text}: {exc.reason}"
+    elif not text or (isinstance(exc, OSError | ValueError) and not isinstance(exc, PgDurableError)):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     print(f"error: {text}", file=sys.stderr, flush=True)
 

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, TextIO
 
 import anyio
+import orjson
 
 from ._app import ActivityContext, App
 from ._client import Client
@@ -22,7 +23,7 @@ from ._runtime import Runtime
 
 app = App()
 
-FANOUT_LIMIT = 1000
+FANOUT_LIMIT = 256  # activities in flight at once (also the runtime's max_concurrency)
 PROGRESS_INTERVAL = 0.5
 
 
@@ -61,7 +62,7 @@ async def run_demo(dsn: str, *, schema: str = "pgdurable", fanout: int = 200, ou
         elapsed = anyio.current_time() - started
         counts = Counter(e.kind for e in await client.history(instance_id))
     say(_progress_line(elapsed, "done", counts["activity_completed"], fanout))
-    say(f"result: {result}")
+    say(f"result: {orjson.dumps(result).decode()}")
     say(f"elapsed: {elapsed:.2f} s ({fanout / elapsed:,.0f} activities/s including the timer)")
     say(f"history: {sum(counts.values())} events")
     width = max(len(kind) for kind in counts)

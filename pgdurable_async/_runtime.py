@@ -93,6 +93,8 @@ class Runtime:
         self._stopping = anyio.Event()
         self._activities_drained = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._owner: int | None = None  # the task that started us; only it may close the task group
+        self._stopped = anyio.Event()
         self._listener: asyncpg.Connection[Any] | None = None
         self.reconnects = 0
 
@@ -117,6 +119,7 @@ class Runtime:
                 lambda conn: conn.execute(q("register_names"), [k for k, _ in names], [n for _, n in names])
             )
         listener_ready = anyio.Event()
+        self._owner = anyio.get_current_task().id
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._listen, listener_ready)
@@ -135,8 +138,18 @@ class Runtime:
             await self._stopping.wait()
 
     async def stop(self) -> None:
-        """Stop claiming, let running activities finish (up to ``drain_timeout``), shut down."""
+        """Stop claiming, let running activities finish (up to ``drain_timeout``), shut down.
+
+        Safe to call more than once and from any task: a task other than the one
+        that started the runtime asks for the stop and waits for it to finish.
+        """
         if self._tg is None:
+            return
+        if anyio.get_current_task().id != self._owner:
+            self._stopping.set()
+            await self._stopped.wait()
+            return
+        if self._stopping.is_set() and self._stopped.is_set():
             return
         self._stopping.set()
         self._work.set()
@@ -156,6 +169,7 @@ class Runtime:
                     await self.db.run(lambda c: c.execute(q("deregister_worker"), self.worker_id), retry_for=2)
             await self._close_listener()
             await self.db.close()
+        self._stopped.set()
 
     @property
     def stopping(self) -> bool:

@@ -45,6 +45,8 @@ def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: the same operation may succeed in a moment."""
     if isinstance(exc, DatabaseError):
         return bool(getattr(exc, "transient", False))
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return False  # a malformed DSN does not get better by waiting
     if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
         return True
     if isinstance(exc, asyncpg.PostgresError):

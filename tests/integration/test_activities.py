@@ -126,7 +126,9 @@ async def test_late_result_of_lost_lease_is_ignored(dsn: str) -> None:
             from pgdurable_async._activities import Outcome, WorkItem
 
             stale = WorkItem(row["id"], handle.instance_id, 1, 99, "flaky", "x", None, 1, row["lease_token"])
-            await conn.execute("UPDATE pgdurable.work_queue SET lease_token = gen_random_uuid() WHERE id = $1", row["id"])
+            await conn.execute(
+                "UPDATE pgdurable.work_queue SET lease_token = gen_random_uuid() WHERE id = $1", row["id"]
+            )
             worker._outcomes.append(Outcome(stale, "activity_completed", '{"task_id":99,"result":1}'))
             await worker.flush()
             assert await conn.fetchval("SELECT count(*) FROM pgdurable.work_queue WHERE id = $1", row["id"]) == 1

@@ -1,0 +1,39 @@
+"""A small app served by ``python -m pgdurable_async worker`` in tests/integration/test_cli.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+import pgdurable_async as pgd
+
+app = pgd.App()
+
+
+@app.activity
+async def add(ctx: pgd.ActivityContext, pair: list[int]) -> int:
+    return pair[0] + pair[1]
+
+
+@app.activity
+async def slow(ctx: pgd.ActivityContext, seconds: float) -> float:
+    await anyio.sleep(seconds)
+    return seconds
+
+
+@app.orchestration
+async def add_pair(ctx: pgd.OrchestrationContext, pair: list[int]) -> int:
+    return int(await ctx.call_activity(add, pair))
+
+
+@app.orchestration
+async def approval(ctx: pgd.OrchestrationContext, _: Any) -> dict[str, Any]:
+    ctx.set_custom_status("waiting")
+    data = await ctx.wait_for_event("approve")
+    return {"approved": data}
+
+
+@app.orchestration
+async def slow_one(ctx: pgd.OrchestrationContext, seconds: float) -> float:
+    return float(await ctx.call_activity(slow, seconds))
