@@ -110,14 +110,11 @@ class Runtime:
 
     async def start(self) -> None:
         """Connect, migrate, register names and start the loops."""
-        await self.db.open()
-        if self._migrate:
-            await self.db.run(lambda conn: migrate_connection(conn, self.db.schema), transaction=False)
-        names = [("orchestration", n) for n in self.app.orchestrations] + [("activity", n) for n in self.app.activities]
-        if names:
-            await self.db.run(
-                lambda conn: conn.execute(q("register_names"), [k for k, _ in names], [n for _, n in names])
-            )
+        try:
+            await self._prepare_database()
+        except BaseException:
+            await self.db.close()
+            raise
         listener_ready = anyio.Event()
         self._owner = anyio.get_current_task().id
         self._tg = anyio.create_task_group()
@@ -131,6 +128,16 @@ class Runtime:
         self._tg.start_soon(self._timer_loop)
         with anyio.move_on_after(10):
             await listener_ready.wait()
+
+    async def _prepare_database(self) -> None:
+        await self.db.open()
+        if self._migrate:
+            await self.db.run(lambda conn: migrate_connection(conn, self.db.schema), transaction=False)
+        names = [("orchestration", n) for n in self.app.orchestrations] + [("activity", n) for n in self.app.activities]
+        if names:
+            await self.db.run(
+                lambda conn: conn.execute(q("register_names"), [k for k, _ in names], [n for _, n in names])
+            )
 
     async def serve(self) -> None:
         """Run until cancelled (or :meth:`stop` is called), then drain."""
