@@ -65,7 +65,14 @@ def load_app(spec: str) -> App:
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Serve the app until SIGTERM/SIGINT, then drain and exit 0."""
     app = load_app(args.app)
-    runtime = Runtime(app, args.dsn, schema=args.schema, max_concurrency=args.concurrency)
+    runtime = Runtime(
+        app,
+        args.dsn,
+        schema=args.schema,
+        max_concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        sweep_interval=args.sweep_interval,
+    )
     # Runtime.stop() must run in the task and cancel-scope level that started it,
     # so the second-signal watcher's task group encloses the runtime.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -171,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run a worker for an app until SIGTERM/SIGINT (graceful drain)")
     p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the pgd.App to serve, e.g. myservice.jobs:app")
     p.add_argument("--concurrency", type=count, default=64, metavar="N", help="max concurrent activities/turns")
+    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S", help="activity lease (default 30)")
+    p.add_argument(
+        "--sweep-interval", type=float, default=30.0, metavar="S", help="safety sweep period (default 30)"
+    )
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
