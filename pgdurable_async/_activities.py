@@ -126,12 +126,13 @@ class ActivityWorker:
         """Run one claimed item to an outcome; never raises."""
         definition = self.app.activities[item.name]
         try:
-            if definition.transactional:
-                await self._execute_transactional(definition, item)
-            else:
-                ctx = ActivityContext(item.instance_id, item.activity_id, item.name, item.attempt)
-                result = await definition.fn(ctx, item.input)
-                self._finish(self._success(item, result))
+            with anyio.fail_after(definition.timeout):
+                if definition.transactional:
+                    await self._execute_transactional(definition, item)
+                else:
+                    ctx = ActivityContext(item.instance_id, item.activity_id, item.name, item.attempt)
+                    result = await definition.fn(ctx, item.input)
+                    self._finish(self._success(item, result))
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # noqa: BLE001 - the activity's failure is data

@@ -46,6 +46,7 @@ class ActivityDef:
     fn: Callable[..., Awaitable[Any]]
     retry: RetryPolicy
     transactional: bool
+    timeout: float | None = None  # start-to-close, per attempt
 
 
 @dataclass(frozen=True)
@@ -86,25 +87,43 @@ class App:
     def activity(self, fn: F, /) -> F: ...
     @overload
     def activity(
-        self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+        self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> Callable[[F], F]: ...
     def activity(
-        self, fn: F | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> F | Callable[[F], F]:
-        """Register an activity: ``async def act(ctx: ActivityContext, input)``."""
-        return self._register_activity(fn, name=name, retry=retry, transactional=False)
+        """Register an activity: ``async def act(ctx: ActivityContext, input)``.
+
+        ``retry`` says how failures are retried; ``timeout`` (seconds) fails an
+        attempt that runs longer (and retries it per ``retry``).
+        """
+        return self._register_activity(fn, name=name, retry=retry, timeout=timeout, transactional=False)
 
     @overload
     def transaction(self, fn: F, /) -> F: ...
     @overload
     def transaction(
-        self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+        self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> Callable[[F], F]: ...
     def transaction(
-        self, fn: F | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> F | Callable[[F], F]:
         """Register a transactional activity: its SQL (via ``ctx.conn``) commits with its completion."""
-        return self._register_activity(fn, name=name, retry=retry, transactional=True)
+        return self._register_activity(fn, name=name, retry=retry, timeout=timeout, transactional=True)
 
     @overload
     def orchestration(self, fn: F, /) -> F: ...
@@ -122,11 +141,20 @@ class App:
         return register(fn) if fn is not None else register
 
     def _register_activity(
-        self, fn: F | None, *, name: str | None, retry: RetryPolicy | None, transactional: bool
+        self,
+        fn: F | None,
+        *,
+        name: str | None,
+        retry: RetryPolicy | None,
+        timeout: float | None,
+        transactional: bool,
     ) -> F | Callable[[F], F]:
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError("an activity timeout must be positive")
+
         def register(f: F) -> F:
             reg_name = self._check_new(name or f.__name__, f)
-            self.activities[reg_name] = ActivityDef(reg_name, f, retry or DEFAULT_RETRY, transactional)
+            self.activities[reg_name] = ActivityDef(reg_name, f, retry or DEFAULT_RETRY, transactional, timeout)
             setattr(f, _NAME_ATTR, reg_name)
             return f
 

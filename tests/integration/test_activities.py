@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import asyncpg
 import pytest
 
@@ -27,6 +28,11 @@ async def always_fails(ctx: pgd.ActivityContext, _: object) -> None:
 @app.activity(retry=pgd.RetryPolicy(max_attempts=5, non_retryable=("PermissionError",)))
 async def forbidden(ctx: pgd.ActivityContext, _: object) -> None:
     raise PermissionError("no")
+
+
+@app.activity(timeout=0.2, retry=pgd.RetryPolicy(max_attempts=2, initial_interval=0.01))
+async def hangs(ctx: pgd.ActivityContext, _: object) -> None:
+    await anyio.sleep(30)
 
 
 @app.activity
@@ -87,6 +93,8 @@ async def test_exhausted_retries_surface_as_activity_error(dsn: str) -> None:
         assert out["attempts"] == 2
         out = await (await runtime.client.start(call, ["forbidden", None])).result(timeout=30)
         assert out["type"] == "PermissionError" and out["attempts"] == 1
+        out = await (await runtime.client.start(call, ["hangs", None])).result(timeout=30)
+        assert out["type"] == "TimeoutError" and out["attempts"] == 2
         out = await (await runtime.client.start(call, ["unencodable", None])).result(timeout=30)
         assert out["type"] == "SerializationError"
         out = await (await runtime.client.start(call, ["no_such_activity", None])).result(timeout=30)
