@@ -113,7 +113,9 @@ class OrchestrationContext:
         if isinstance(item, Task):
             return item
         if isinstance(item, Coroutine):
-            return FiberTask(self._engine, item)
+            task = FiberTask(self._engine, item)
+            self._engine.adopt(task)  # closed with the execution even if it never starts
+            return task
         raise TypeError(f"expected a ctx task or a coroutine, got {type(item).__name__}")
 
     # -- deterministic helpers -------------------------------------------------
@@ -135,6 +137,8 @@ class OrchestrationContext:
     def set_custom_status(self, value: Any) -> None:
         """Publish a JSON value readable through ``Client.status(...).custom_status``."""
         stored = self._engine.check_payload(value, "custom status")
+        if self._engine.stopped:
+            return  # after a fault or the end: recorded nowhere, so not kept either
         self._engine.custom_status = stored
         self._engine.custom_status_changed = True
         self._engine.emit(ev.CUSTOM_STATUS_SET, {"value": stored})

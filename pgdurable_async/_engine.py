@@ -81,24 +81,23 @@ class Execution:
         self._new: list[Event] = []
         self._fault: NonDeterminismError | None = None
         self._remaining_recorded = 0
+        self._fibers: list[FiberTask[Any]] = []
+        self.closing = False  # set by close(): awaiting a task then raises GeneratorExit
 
     # -- public driver API ---------------------------------------------------
     @property
     def finished(self) -> bool:
         return self.outcome is not None
 
+    @property
+    def stopped(self) -> bool:
+        """True once nothing more may be recorded: after a fault, the end, or :meth:`close`."""
+        return self._fault is not None or self.outcome is not None or self.closing
+
     def replay(self, history: Iterable[Event]) -> None:
         """Rebuild state from the recorded history of this execution."""
         events = list(history)
-        for event in events:
-            if event.kind in ev.COMMAND_KINDS:
-                task_id = event.data.get("task_id")
-                if not isinstance(task_id, int):
-                    self._fault = NonDeterminismError(f"malformed history: {event.kind} without a task_id")
-                    break
-                self._recorded_commands[task_id] = event
-            elif event.kind == ev.VERSION_MARKER:
-                self._versions[str(event.data.get("change_id"))] = int(event.data.get("version", 1))
+        self._index(events)
         self._remaining_recorded = len(events)
         for event in events:
             self._remaining_recorded -= 1
@@ -107,16 +106,35 @@ class Execution:
                 self._apply(event, recorded=True)
                 self._settle(final=False)
         self._remaining_recorded = 0
-        self.replaying = False
-        if self.outcome is not None and not any(e.kind in ev.TERMINAL_KINDS for e in events[-1:]):
-            self._record(self.outcome)  # code now ends where the history did not record it
+        ended = bool(events) and events[-1].kind in ev.TERMINAL_KINDS
+        self.replaying = ended  # a history has one ending: nothing is appended after it
         if self._fault is None and self._recorded_commands:
             task_id, cmd = min(self._recorded_commands.items())
-            self._fault = NonDeterminismError(
+            self._nondeterminism(
                 f"history records {cmd.kind} #{task_id} ({cmd.data.get('name', '')!r}) "
                 "that the orchestration code no longer issues"
             )
+        if self._fault is not None:
+            self.outcome = None  # replay disagreed: whatever ending the code reached, it fails below
+        elif self.outcome is not None and not ended:
+            self._record(self.outcome)  # code now ends where the history did not record it
         self._settle()
+        self.replaying = False
+
+    def close(self) -> None:
+        """Close the orchestration's coroutines (an execution dropped unfinished, e.g. evicted).
+
+        Never raises: a ``finally`` block that awaits a task gets ``GeneratorExit`` there
+        (see ``Task.__await__``), as nothing can happen once the execution is over.
+        """
+        self.closing = True
+        for fiber in ([self._main.task] if self._main is not None else []) + self._fibers:
+            try:
+                fiber.coro.close()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001 - e.g. "coroutine ignored GeneratorExit"
+                pass
 
     def advance(self, messages: Iterable[tuple[str, dict[str, Any]]], now: datetime) -> list[Event]:
         """Apply new messages (live) and return the new events to append, in order."""
@@ -130,12 +148,30 @@ class Execution:
         new, self._new = self._new, []
         return new
 
+    def _index(self, events: list[Event]) -> None:
+        """Collect the recorded commands (by task id) and version markers."""
+        for event in events:
+            try:
+                if event.kind in ev.COMMAND_KINDS:
+                    task_id = event.data.get("task_id")
+                    if not isinstance(task_id, int):
+                        self._nondeterminism(f"malformed history: {event.kind} without a task_id")
+                        return
+                    self._recorded_commands[task_id] = event
+                elif event.kind == ev.VERSION_MARKER:
+                    self._versions[str(event.data.get("change_id"))] = int(event.data.get("version", 1))
+            except (TypeError, ValueError, AttributeError) as exc:
+                self._nondeterminism(f"malformed history event {event.kind!r}: {exc}")
+                return
+
     def pending_events(self) -> list[dict[str, Any]]:
         """Raised events nobody has consumed yet (carried over by continue_as_new)."""
         return [{"name": n, "data": d} for n, queue in self._inbox.items() for d in queue]
 
     # -- commands (called by tasks and the context) --------------------------
     def schedule(self, task: Task[Any], kind: str, data: dict[str, Any]) -> None:
+        if self.stopped:
+            return  # code still running after a fault or the end (a finally block): nothing more is recorded
         task_id = self._next_task_id
         self._next_task_id += 1
         task.task_id = task_id
@@ -177,9 +213,13 @@ class Execution:
     def spawn(self, task: FiberTask[Any]) -> None:
         self._ready.append((_Fiber(task), None))
 
+    def adopt(self, task: FiberTask[Any]) -> None:
+        """Remember a helper coroutine so that :meth:`close` closes it even if it never starts."""
+        self._fibers.append(task)
+
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Record a non-command event (custom status, version marker) when live."""
-        if not self.replaying:
+        if not self.replaying and not self.stopped:
             self._record(Event(kind, data, self.now))
 
     def version(self, change_id: str, default: int, latest: int) -> int:
@@ -251,7 +291,9 @@ class Execution:
             self._nondeterminism(f"malformed history event {kind!r}: {exc}")
 
     def _task(self, data: dict[str, Any]) -> Task[Any]:
-        task_id = data["task_id"]
+        task_id = data.get("task_id")
+        if task_id is None:
+            raise ValueError("it has no task_id")
         task = self._tasks.get(task_id)
         if task is None:
             raise ValueError(f"it refers to task #{task_id}, which was never scheduled")
@@ -366,8 +408,7 @@ class Execution:
         if not self.replaying:
             self._record(event)
         self._ready.clear()
-        if self._main is not None:
-            self._main.task.coro.close()
+        self.close()
 
 
 def _same_command(kind: str, recorded: dict[str, Any], issued: dict[str, Any]) -> bool:

@@ -83,6 +83,8 @@ class Task(Generic[T]):
     def __await__(self) -> Generator[Any, None, T]:
         self._start()
         if not self.done():
+            if self._engine.closing:  # a finally block run by Execution.close(): let the coroutine end
+                raise GeneratorExit
             yield self
         return self.result()
 
@@ -140,7 +142,7 @@ class EventTask(Task[T]):
 class AllTask(Task[list[Any]]):
     """``ctx.all``: every child's result in order; fails fast on the first failure."""
 
-    __slots__ = ("children", "limit", "_next", "_remaining")
+    __slots__ = ("children", "limit", "_next", "_remaining", "_running", "_filling")
 
     def __init__(self, engine: Execution, children: Sequence[Task[Any]], limit: int | None) -> None:
         super().__init__(engine)
@@ -148,20 +150,31 @@ class AllTask(Task[list[Any]]):
         self.limit = limit
         self._next = 0
         self._remaining = len(self.children)
+        self._running = 0
+        self._filling = False
 
     def _on_start(self) -> None:
         if not self.children:
             self._resolve([])
             return
-        window = len(self.children) if self.limit is None else self.limit
-        for _ in range(min(window, len(self.children))):
-            self._start_next()
+        self._fill()
 
-    def _start_next(self) -> None:
-        child = self.children[self._next]
-        self._next += 1
-        child._start()
-        child._add_callback(self._child_done)
+    def _fill(self) -> None:
+        # A child may already be done when started (a task awaited before, a buffered
+        # event); its callback re-enters here, so loop instead of recursing.
+        if self._filling:
+            return
+        self._filling = True
+        try:
+            window = len(self.children) if self.limit is None else self.limit
+            while not self.done() and self._next < len(self.children) and self._running < window:
+                child = self.children[self._next]
+                self._next += 1
+                self._running += 1
+                child._start()
+                child._add_callback(self._child_done)
+        finally:
+            self._filling = False
 
     def _child_done(self, child: Task[Any]) -> None:
         if self.done():
@@ -169,11 +182,12 @@ class AllTask(Task[list[Any]]):
         if child._error is not None:
             self._fail(child._error)
             return
+        self._running -= 1
         self._remaining -= 1
         if self._remaining == 0:
             self._resolve([c._result for c in self.children])
-        elif self._next < len(self.children):
-            self._start_next()
+        else:
+            self._fill()
 
 
 class AnyTask(Task[Task[Any]]):
