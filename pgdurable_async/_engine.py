@@ -210,6 +210,11 @@ class Execution:
             timer.on_fire = lambda: self._event_timed_out(task)
             timer._start()
 
+    def unsubscribe(self, task: EventTask[Any]) -> None:
+        waiters = self._waiters.get(task.name)
+        if waiters and task in waiters:
+            waiters.remove(task)
+
     def spawn(self, task: FiberTask[Any]) -> None:
         self._ready.append((_Fiber(task), None))
 

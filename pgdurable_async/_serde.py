@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 from typing import Any
 
@@ -10,13 +11,23 @@ import orjson
 from ._errors import SerializationError
 
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-_NUL_ESCAPE = b"\\u0000"
+# A JSON-escaped NUL: \u0000 preceded by an even number of backslashes.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def _default(value: Any) -> Any:
+    """Encode subclasses of the JSON scalar types (such as ``ctx.random()``) as their base type."""
+    for base in (float, int, str):
+        if isinstance(value, base):
+            return base(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
     """Encode ``value`` as JSON text, or raise :class:`SerializationError`."""
     try:
-        raw = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        raw = orjson.dumps(value, default=_default, option=_OPTIONS)
     except TypeError as exc:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}", what=what) from None
     if len(raw) > limit:
@@ -26,7 +37,7 @@ def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_
             size=len(raw),
             limit=limit,
         )
-    if _NUL_ESCAPE in raw:
+    if _NUL_ESCAPE.search(raw):
         raise SerializationError(f"{what} contains a NUL character, which PostgreSQL cannot store", what=what)
     return raw.decode()
 
@@ -38,7 +49,7 @@ def decode(text: str | bytes) -> Any:
 
 def normalize(value: Any) -> Any:
     """The value as it reads back from the database (tuples become lists, and so on)."""
-    return orjson.loads(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
+    return orjson.loads(orjson.dumps(value, default=_default, option=_OPTIONS))
 
 
 def error_payload(exc: BaseException) -> dict[str, str]:

@@ -59,6 +59,9 @@ class Task(Generic[T]):
     def _on_start(self) -> None:
         raise NotImplementedError
 
+    def _abandon(self) -> None:
+        """Nobody will await this task any more (it lost an ``any``, or its ``all`` failed)."""
+
     def _add_callback(self, callback: Callable[[Task[Any]], None]) -> None:
         if self.done():
             callback(self)
@@ -138,6 +141,11 @@ class EventTask(Task[T]):
     def _on_start(self) -> None:
         self._engine.subscribe(self)
 
+    def _abandon(self) -> None:
+        if not self.done():
+            self._engine.unsubscribe(self)
+            self._started = False  # awaited again later: it subscribes afresh
+
 
 class AllTask(Task[list[Any]]):
     """``ctx.all``: every child's result in order; fails fast on the first failure."""
@@ -181,6 +189,7 @@ class AllTask(Task[list[Any]]):
             return
         if child._error is not None:
             self._fail(child._error)
+            self._abandon()
             return
         self._running -= 1
         self._remaining -= 1
@@ -188,6 +197,11 @@ class AllTask(Task[list[Any]]):
             self._resolve([c._result for c in self.children])
         else:
             self._fill()
+
+    def _abandon(self) -> None:
+        for child in self.children[: self._next]:
+            if not child.done():
+                child._abandon()
 
 
 class AnyTask(Task[Task[Any]]):
@@ -204,7 +218,17 @@ class AnyTask(Task[Task[Any]]):
             raise ValueError("ctx.any() needs at least one task")
         for child in self.children:
             child._start()
-            child._add_callback(self._resolve)
+            child._add_callback(self._first_done)
+
+    def _first_done(self, child: Task[Any]) -> None:
+        if not self.done():
+            self._resolve(child)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        for child in self.children:
+            if not child.done():
+                child._abandon()
 
 
 class FiberTask(Task[T]):

@@ -113,7 +113,7 @@ class TurnProcessor:
         row = await conn.fetchrow(q("lock_instance"), instance_id)
         if row is None or row["status"] in TERMINAL_STATUSES:
             return
-        self._cache.pop(instance_id, None)
+        self._forget(instance_id)
         w = _Writes()
         error = {"type": "TurnError", "message": f"a turn could not be written: {exc}", "traceback": ""}
         seq = row["history_len"] + 1
@@ -161,8 +161,9 @@ class TurnProcessor:
             await self._check_names(conn, w)
             await self._write(conn, w)
         except BaseException:
-            for instance_id in runs:
-                self._cache.pop(instance_id, None)
+            for instance_id, execution in runs.items():
+                self._forget(instance_id)
+                execution.close()
             raise
         self.stats["turns"] += len(live)
         self._remember(runs)
@@ -184,6 +185,7 @@ class TurnProcessor:
                 runs[row["instance_id"]] = cached
                 self.stats["cache_hits"] += 1
             else:
+                self._forget(row["instance_id"])  # stale: another worker advanced it
                 runs[row["instance_id"]] = self._new_execution(row)
                 if row["history_len"] > 0:
                     cold.append(row)
@@ -212,12 +214,20 @@ class TurnProcessor:
     def _remember(self, runs: dict[str, Execution]) -> None:
         for instance_id, execution in runs.items():
             if execution.finished:
-                self._cache.pop(instance_id, None)
+                self._forget(instance_id)
+                execution.close()
             else:
                 self._cache[instance_id] = execution
                 self._cache.move_to_end(instance_id)
         while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            _, evicted = self._cache.popitem(last=False)
+            evicted.close()
+
+    def _forget(self, instance_id: str) -> None:
+        """Drop a cached execution (closing its coroutines)."""
+        cached = self._cache.pop(instance_id, None)
+        if cached is not None:
+            cached.close()
 
     # -- turning events into writes ---------------------------------------------
     def _plan(self, row: asyncpg.Record, execution: Execution, base: int, events: list[Event], w: _Writes) -> None:

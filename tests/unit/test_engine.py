@@ -963,8 +963,7 @@ def test_cache_path_equals_fresh_replay_at_every_turn() -> None:
         assert fresh.custom_status == {"values": [2 * i for i in range(7)]}
 
 
-# -- known problems, left for a design decision (strict: they fail loudly once fixed) -----------------------
-@pytest.mark.xfail(strict=True, reason="ctx.random() returns a float subclass that orjson refuses to encode")
+# -- regressions: random values encode; a wait that lost a race lets go of its event -----------------------
 def test_random_value_can_be_passed_on() -> None:
     async def orch(ctx: pgd.OrchestrationContext, _: None) -> Any:
         return await ctx.call_activity("echo", ctx.random())
@@ -973,8 +972,6 @@ def test_random_value_can_be_passed_on() -> None:
     assert sim.outcome.kind == ev.ORCHESTRATION_COMPLETED, sim.outcome.data
 
 
-@pytest.mark.xfail(strict=True, reason="a wait_for_event that lost an `any` stays subscribed and takes the next "
-                                       "event of that name, so a later wait for it never sees it")
 def test_wait_that_lost_a_race_does_not_take_the_next_event() -> None:
     async def orch(ctx: pgd.OrchestrationContext, _: None) -> Any:
         reminders = 0
