@@ -22,7 +22,7 @@ from ._context import ContinueAsNew, OrchestrationContext
 from ._errors import ActivityError, Cancelled, NonDeterminismError, SerializationError, SubOrchestrationError
 from ._errors import TimeoutError as DurableTimeout
 from ._serde import DEFAULT_MAX_PAYLOAD_BYTES, encode, error_payload, normalize
-from ._tasks import ChildTask, EventTask, FiberTask, Task, TimerTask
+from ._tasks import ActivityTask, ChildTask, EventTask, FiberTask, Task, TimerTask
 
 OrchestrationFn = Callable[[OrchestrationContext, Any], Coroutine[Any, Any, Any]]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -79,6 +79,7 @@ class Execution:
         self._waiters: dict[str, deque[EventTask[Any]]] = {}
         self._inbox: dict[str, deque[Any]] = {}
         self._new: list[Event] = []
+        self.unapplied: list[tuple[str, dict[str, Any]]] = []
         self._fault: NonDeterminismError | None = None
         self._remaining_recorded = 0
         self._fibers: list[FiberTask[Any]] = []
@@ -137,10 +138,16 @@ class Execution:
                 pass
 
     def advance(self, messages: Iterable[tuple[str, dict[str, Any]]], now: datetime) -> list[Event]:
-        """Apply new messages (live) and return the new events to append, in order."""
+        """Apply new messages (live) and return the new events to append, in order.
+
+        Messages that arrive after the execution ended are not applied; they are
+        left in :attr:`unapplied` (``continue_as_new`` hands them to the next execution).
+        """
+        self.unapplied = []
         for kind, data in messages:
             if self.outcome is not None:
-                break
+                self.unapplied.append((kind, data))
+                continue
             event = Event(kind, data, now)
             self._record(event)
             self._apply(event, recorded=False)
@@ -260,9 +267,9 @@ class Execution:
                         "but the code did not issue it"
                     )
             elif kind == ev.ACTIVITY_COMPLETED or kind == ev.SUB_ORCHESTRATION_COMPLETED:
-                self._task(data)._resolve(data.get("result"))
+                self._task(data, kind)._resolve(data.get("result"))
             elif kind == ev.ACTIVITY_FAILED:
-                task = self._task(data)
+                task = self._task(data, kind)
                 err = data.get("error") or {}
                 task._fail(
                     ActivityError(
@@ -274,10 +281,10 @@ class Execution:
                     )
                 )
             elif kind == ev.SUB_ORCHESTRATION_FAILED:
-                task = self._task(data)
+                task = self._task(data, kind)
                 task._fail(SubOrchestrationError(instance_id=str(data.get("instance_id", "")), error=data.get("error")))
             elif kind == ev.TIMER_FIRED:
-                timer = self._task(data)
+                timer = self._task(data, kind)
                 if isinstance(timer, TimerTask) and timer.on_fire is not None:
                     timer.on_fire()
                 timer._resolve(None)
@@ -295,13 +302,19 @@ class Execution:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self._nondeterminism(f"malformed history event {kind!r}: {exc}")
 
-    def _task(self, data: dict[str, Any]) -> Task[Any]:
-        task_id = data.get("task_id")
-        if task_id is None:
+    def _task(self, data: dict[str, Any], kind: str) -> Task[Any]:
+        """The unfinished task a completion event names, of the kind that event completes."""
+        if "task_id" not in data:
             raise ValueError("it has no task_id")
+        task_id = data["task_id"]
         task = self._tasks.get(task_id)
         if task is None:
             raise ValueError(f"it refers to task #{task_id}, which was never scheduled")
+        expected = _COMPLETES[kind]
+        if not isinstance(task, expected):
+            raise ValueError(f"task #{task_id} is a {type(task).__name__}, not a {expected.__name__}")
+        if task.done():
+            raise ValueError(f"task #{task_id} already has its result")
         return task
 
     def _start(self, input: Any) -> None:
@@ -414,6 +427,15 @@ class Execution:
             self._record(event)
         self._ready.clear()
         self.close()
+
+
+_COMPLETES: dict[str, type[Task[Any]]] = {
+    ev.ACTIVITY_COMPLETED: ActivityTask,
+    ev.ACTIVITY_FAILED: ActivityTask,
+    ev.TIMER_FIRED: TimerTask,
+    ev.SUB_ORCHESTRATION_COMPLETED: ChildTask,
+    ev.SUB_ORCHESTRATION_FAILED: ChildTask,
+}
 
 
 def _same_command(kind: str, recorded: dict[str, Any], issued: dict[str, Any]) -> bool:

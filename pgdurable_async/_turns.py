@@ -146,6 +146,7 @@ class TurnProcessor:
             msgs = inbox.get(row["instance_id"], [])
             w.consumed.extend(m["id"] for m in msgs)
             current = [m for m in msgs if m["execution_id"] in (None, row["execution_id"])]
+            current.sort(key=lambda m: m["kind"] != ev.ORCHESTRATION_STARTED)  # a start goes first (stable)
             if row["status"] in TERMINAL_STATUSES or not current:
                 continue
             live.append((row, current))
@@ -271,6 +272,9 @@ class TurnProcessor:
                                    _json({"name": name, "input": data.get("input")})))
                 for carried in data.get("carry_over") or []:
                     w.messages.append((instance_id, execution_id + 1, ev.EVENT_RECEIVED, _json(carried)))
+                for late_kind, late_data in execution.unapplied:  # raised after the end: for the next one
+                    if late_kind in (ev.EVENT_RECEIVED, ev.CANCEL_REQUESTED):
+                        w.messages.append((instance_id, execution_id + 1, late_kind, _json(late_data)))
         if next_input is not None:
             w.updates.append((instance_id, "running", None, None, False, None, execution_id + 1, 0, next_input))
         else:

@@ -406,8 +406,6 @@ async def test_malformed_history_rows_fail_the_instance_and_spare_the_others(dsn
                      id="child-result-for-an-activity"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason="Execution._apply resolves whatever task a task_id names, of any kind, and "
-                   "Task._resolve ignores a second result: such rows are applied silently instead of failing replay")
 async def test_history_rows_that_contradict_their_task_are_detected(dsn: str, events: list[tuple[str, Any]]) -> None:
     await _forge(dsn, "contradiction", events)
     async with pgd.Runtime(app, dsn) as runtime:

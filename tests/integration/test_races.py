@@ -218,13 +218,8 @@ async def _park_relay(dsn: str, instance_id: str) -> None:
                 await anyio.sleep(0.02)
 
 
-CONTINUE_AS_NEW_DROPS = (
-    "TurnProcessor._batch consumes every message of the turn, but Execution.advance stops applying them"
-    " at continued_as_new: messages after it (events, cancel) are deleted, neither applied nor carried over"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=CONTINUE_AS_NEW_DROPS)
 async def test_event_arriving_with_continue_as_new_reaches_the_next_execution(dsn: str) -> None:
     """Two events in one turn: the first ends the execution, the second belongs to the next one."""
     await _park_relay(dsn, "relay-events")
@@ -235,7 +230,6 @@ async def test_event_arriving_with_continue_as_new_reaches_the_next_execution(ds
         assert await runtime.client.wait("relay-events", timeout=4) == {"seen": [1, 2], "execution": 2}
 
 
-@pytest.mark.xfail(strict=True, reason=CONTINUE_AS_NEW_DROPS)
 async def test_cancel_arriving_with_continue_as_new_cancels_the_next_execution(dsn: str) -> None:
     await _park_relay(dsn, "relay-cancel")
     async with pgd.Client(dsn) as client:
