@@ -150,7 +150,7 @@ class ActivityWorker:
             await conn.fetch(q("ack_work"), [item.id], [item.lease_token], [outcome.kind], [outcome.payload])
 
         try:
-            await self.db.run(work)
+            await self.db.run(work, reset_session=True)
         except _Unencodable as bad:
             self._finish(bad.outcome)
             return

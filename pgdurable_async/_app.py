@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ._errors import ConfigurationError, UnknownNameError
+from ._errors import ConfigurationError, InvalidArgument, UnknownNameError
 from ._types import RetryPolicy
 
 if TYPE_CHECKING:
@@ -55,12 +55,28 @@ class OrchestrationDef:
     fn: Callable[..., Awaitable[Any]]
 
 
+MAX_ID_LENGTH = 200
+
+
+def check_id(value: Any, what: str = "instance_id") -> str:
+    """Validate an id or name (always bound as a parameter, never spliced into SQL)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid UTF-8 (a lone surrogate?)") from None
+    return value
+
+
 def name_of(ref: Any, *, kind: str) -> str:
     """The registered name of an orchestration or activity given by function or name."""
     if isinstance(ref, str):
-        if not ref or "\x00" in ref:
-            raise UnknownNameError(f"invalid {kind} name {ref!r}", kind=kind, name=ref)
-        return ref
+        return check_id(ref, f"{kind} name")
     name = getattr(ref, _NAME_ATTR, None)
     if isinstance(name, str):
         return name
@@ -169,6 +185,16 @@ class App:
         if existing is not None and existing.fn is not fn:
             raise ConfigurationError(f"the name {name!r} is already registered")
         return name
+
+    def graph(self, name: str, graph: Any) -> None:
+        """Register a graph workflow (a ``pgdurable_async.dsl`` node or graph JSON) under ``name``.
+
+        It starts like any orchestration (``client.start(name, input)``); SQL in it
+        reads the input as ``$input``.  Raises ``dsl.GraphError`` if the graph is invalid.
+        """
+        from ._graph_acts import register_graph
+
+        register_graph(self, name, graph)
 
     def orchestration_def(self, ref: Any) -> OrchestrationDef:
         """The orchestration registered under ``ref`` (function or name)."""

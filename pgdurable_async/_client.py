@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 
 from . import _events as ev
-from ._app import App, name_of
+from ._app import App, check_id, name_of
 from ._errors import (
     Cancelled,
     ConfigurationError,
@@ -21,29 +21,16 @@ from ._errors import (
     InstanceNotFound,
     InvalidArgument,
     PgDurableError,
-    SchemaVersionError,
     UnknownNameError,
 )
 from ._errors import TimeoutError as DurableTimeout
-from ._migrate import latest_version, schema_version
+from ._migrate import require_current
 from ._serde import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from ._sql import q
 from ._store import Database
 from ._types import HistoryEvent, InstanceState, Status
 
-MAX_ID_LENGTH = 200
 _RECHECK_SECONDS = 30.0  # safety re-check while waiting, in case a NOTIFY was missed
-
-
-def check_id(value: Any, what: str = "instance_id") -> str:
-    """Validate an instance id or event name (bound as a parameter, never spliced)."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{what} must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
-    if "\x00" in value:
-        raise InvalidArgument(f"{what} must not contain NUL characters")
-    return value
 
 
 class InstanceHandle:
@@ -123,16 +110,7 @@ class Client:
 
     async def _ready(self) -> Database:
         if not self._checked:
-            version = await self.db.run(schema_version, transaction=False)
-            if version is None:
-                raise ConfigurationError(
-                    f"pgdurable schema {self.db.schema!r} is not installed: run "
-                    "`python -m pgdurable_async migrate` or start a Runtime first"
-                )
-            if version > latest_version():
-                raise SchemaVersionError(
-                    f"schema {self.db.schema!r} is at version {version}, newer than this pgdurable_async"
-                )
+            await self.db.run(lambda conn: require_current(conn, self.db.schema), transaction=False)
             self._checked = True
         return self.db
 
@@ -178,7 +156,12 @@ class Client:
         self, status: Status | str | None = None, name: Any = None, limit: int = 100
     ) -> builtins.list[InstanceState]:
         """Instances, newest first, optionally filtered by status and orchestration name."""
-        status_value = Status(status).value if status is not None else None
+        try:
+            status_value = Status(status).value if status is not None else None
+        except ValueError:
+            raise InvalidArgument(f"unknown status {status!r}; one of {', '.join(Status)}") from None
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidArgument(f"limit must be a non-negative integer, not {limit!r}")
         name_value = name_of(name, kind="orchestration") if name is not None else None
         db = await self._ready()
         rows = await db.run(
@@ -204,7 +187,8 @@ class Client:
 
     async def cancel(self, instance_id: str, reason: str | None = None) -> None:
         """Ask the instance to stop: ``pgd.Cancelled`` is raised at its current await."""
-        await self._send(instance_id, ev.CANCEL_REQUESTED, encode({"reason": reason}, what="cancel reason"))
+        body = encode({"reason": reason}, what="cancel reason", limit=self.max_payload_bytes)
+        await self._send(instance_id, ev.CANCEL_REQUESTED, body)
 
     async def _send(self, instance_id: str, kind: str, body: str) -> None:
         check_id(instance_id)
@@ -220,6 +204,9 @@ class Client:
     async def terminate(self, instance_id: str, reason: str | None = None) -> None:
         """Stop the instance now, without running any more of its code."""
         check_id(instance_id)
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgument(f"reason must be a string, not {type(reason).__name__}")
+        encode(reason, what="terminate reason", limit=self.max_payload_bytes)  # NUL, size
         db = await self._ready()
 
         async def terminate(conn: asyncpg.Connection[Any]) -> None:

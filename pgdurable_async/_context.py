@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import _events as ev
-from ._app import name_of
+from ._app import check_id, name_of
 from ._tasks import ActivityTask, AllTask, AnyTask, ChildTask, EventTask, FiberTask, Task, TimerTask
 from ._types import RetryPolicy
 
@@ -86,6 +86,8 @@ class OrchestrationContext:
         """Run a child orchestration and wait for its output."""
         name = name_of(orchestration, kind="orchestration")
         stored = self._engine.check_payload(input, f"input of orchestration {name!r}")
+        if instance_id is not None:
+            check_id(instance_id, "child instance_id")
         return ChildTask(self._engine, name, stored, instance_id)
 
     def sleep(self, duration: timedelta | float) -> Task[None]:
@@ -94,6 +96,7 @@ class OrchestrationContext:
 
     def wait_for_event(self, name: str, *, timeout: timedelta | float | None = None) -> Task[Any]:
         """Wait for an event raised with ``Client.raise_event``; raises ``pgd.TimeoutError`` on timeout."""
+        check_id(name, "event name")
         deadline = None if timeout is None else self.now() + _as_timedelta(timeout)
         return EventTask(self._engine, name, deadline)
 
@@ -146,7 +149,7 @@ class OrchestrationContext:
     def version(self, change_id: str, *, default: int = 1, latest: int) -> int:
         """Which code path to take at ``change_id``: ``latest`` for new progress,
         the recorded (or ``default``) version for history written by older code."""
-        return self._engine.version(change_id, default, latest)
+        return self._engine.version(check_id(change_id, "change id"), default, latest)
 
     def continue_as_new(self, input: Any = None) -> NoReturn:
         """End this execution and start a fresh one (empty history) with ``input``."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from ._errors import SchemaVersionError
+from ._errors import ConfigurationError, SchemaVersionError
 from ._store import check_schema_name, connect, mapped_errors
 
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -86,6 +86,23 @@ async def migrate_connection(conn: asyncpg.Connection[Any], schema: str) -> list
             )
             applied_now.append(migration.version)
     return applied_now
+
+
+async def require_current(conn: asyncpg.Connection[Any], schema: str) -> None:
+    """Raise unless ``schema`` is installed at a version this code understands."""
+    version = await schema_version(conn)
+    if version is None:
+        raise ConfigurationError(
+            f"pgdurable schema {schema!r} is not installed: run "
+            "`python -m pgdurable_async migrate` or start a Runtime first"
+        )
+    if version > latest_version():
+        raise SchemaVersionError(
+            f"schema {schema!r} is at version {version}, newer than this pgdurable_async "
+            f"(knows up to {latest_version()}); upgrade the package",
+            database_version=version,
+            code_version=latest_version(),
+        )
 
 
 async def schema_version(conn: asyncpg.Connection[Any]) -> int | None:

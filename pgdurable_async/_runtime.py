@@ -31,7 +31,8 @@ from ._activities import ActivityWorker, WorkItem
 from ._app import App
 from ._client import Client
 from ._errors import ConfigurationError, DatabaseError
-from ._migrate import migrate_connection
+from ._graph_acts import install as install_graph_builtins
+from ._migrate import migrate_connection, require_current
 from ._serde import DEFAULT_MAX_PAYLOAD_BYTES
 from ._sql import q
 from ._store import Database, is_transient
@@ -67,6 +68,7 @@ class Runtime:
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
+        install_graph_builtins(app)  # SQL-started graphs (df.start) run on any worker
         self.app = app
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = Database(dsn, schema=schema, min_size=2, max_size=min(max_concurrency, 32) + turn_concurrency + 4)
@@ -97,6 +99,7 @@ class Runtime:
         self._stopped = anyio.Event()
         self._listener: asyncpg.Connection[Any] | None = None
         self.reconnects = 0
+        self._blocked_polls = 0
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
@@ -133,6 +136,8 @@ class Runtime:
         await self.db.open()
         if self._migrate:
             await self.db.run(lambda conn: migrate_connection(conn, self.db.schema), transaction=False)
+        else:
+            await self.db.run(lambda conn: require_current(conn, self.db.schema), transaction=False)
         names = [("orchestration", n) for n in self.app.orchestrations] + [("activity", n) for n in self.app.activities]
         if names:
             await self.db.run(
@@ -240,15 +245,21 @@ class Runtime:
                 await conn.close(timeout=2)
 
     # -- loops --------------------------------------------------------------------------
-    async def _guarded(self, what: str, step: Any) -> None:
-        """Run ``step()``; log and back off on errors instead of crashing the runtime."""
+    async def _guarded(self, what: str, step: Any) -> bool:
+        """Run ``step()``; on an error log it, back off a little and return False.
+
+        The loops then run again (the failure may be a database restart); they
+        never crash the runtime.
+        """
         try:
             await step()
+            return True
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # noqa: BLE001
             log.warning("%s failed: %s", what, exc)
             await anyio.sleep(0.5)
+            return False
 
     async def _turn_loop(self) -> None:
         while not self.stopping:
@@ -259,8 +270,7 @@ class Runtime:
                 nonlocal progressed
                 progressed = await self.turns.run_batch()
 
-            await self._guarded("turn", step)
-            if progressed:
+            if not await self._guarded("turn", step) or progressed:
                 self._work.set()
                 self._timer.set()
                 continue
@@ -290,19 +300,25 @@ class Runtime:
         worker = self.activities
         wanted = min(worker.free, worker.claim_batch)
         claimed: list[WorkItem] = []
-        wait_for: float | None = None
+        due: float | None = None
 
         async def step() -> None:
-            nonlocal claimed, wait_for
+            nonlocal claimed, due
             claimed = await worker.claim()
-            if len(claimed) >= wanted:
-                wait_for = 0.0
-            else:  # visible rows we could not claim are being claimed by someone else: look again soon
+            if len(claimed) < wanted:
                 due = await worker.next_due()
-                wait_for = None if due is None else max(due, 0.05)
 
-        await self._guarded("activity claim", step)
-        return claimed, wait_for
+        if not await self._guarded("activity claim", step):
+            return [], 0.0  # try again (after the back-off)
+        if len(claimed) >= wanted:
+            return claimed, 0.0  # a full batch: there may be more
+        if due is not None and due <= 0:
+            # Rows are due but were not ours to claim: another worker is claiming them, or a
+            # long transactional activity holds them. Look again, backing off while it lasts.
+            self._blocked_polls += 1
+            return claimed, min(0.05 * 2**self._blocked_polls, self.lease_seconds)
+        self._blocked_polls = 0
+        return claimed, due
 
     async def _ack_loop(self) -> None:
         worker = self.activities
@@ -344,7 +360,8 @@ class Runtime:
                 if earliest is not None:
                     wait_for = max(0.0, (earliest - datetime.now(UTC)).total_seconds()) + 0.002
 
-            await self._guarded("timer", step)
+            if not await self._guarded("timer", step):
+                continue
             await self._timer.wait(seen, wait_for)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import traceback
 from typing import Any
@@ -30,6 +31,8 @@ def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_
         raw = orjson.dumps(value, default=_default, option=_OPTIONS)
     except TypeError as exc:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}", what=what) from None
+    if b"null" in raw and _has_non_finite(value):
+        raise SerializationError(f"{what} contains NaN or Infinity, which JSON cannot represent", what=what)
     if len(raw) > limit:
         raise SerializationError(
             f"{what} is {len(raw)} bytes encoded, over the {limit}-byte payload limit",
@@ -40,6 +43,16 @@ def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_
     if _NUL_ESCAPE.search(raw):
         raise SerializationError(f"{what} contains a NUL character, which PostgreSQL cannot store", what=what)
     return raw.decode()
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def decode(text: str | bytes) -> Any:

@@ -81,8 +81,24 @@ def mapped_errors() -> Any:
         raise translate(exc) from exc
 
 
+@contextlib.contextmanager
+def _dsn_errors(dsn: str) -> Any:
+    """asyncpg parses the DSN when connecting: a malformed one cannot reach any database."""
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        raise DatabaseError(text if text.startswith("invalid DSN") else f"invalid DSN: {text}",
+                            transient=False) from None
+
+
 def _encode_json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """Pool release hook: our own queries leave no session state, so skip asyncpg's
+    reset round trip (``Database.run(reset_session=True)`` resets after user SQL)."""
 
 
 async def _setup_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -92,7 +108,7 @@ async def _setup_connection(conn: asyncpg.Connection[Any]) -> None:
 
 async def connect(dsn: str, schema: str, **kwargs: Any) -> asyncpg.Connection[Any]:
     """One dedicated connection (the LISTEN session, migrations)."""
-    with mapped_errors():
+    with mapped_errors(), _dsn_errors(dsn):
         conn: asyncpg.Connection[Any] = await asyncpg.connect(
             dsn, server_settings=_settings(schema), timeout=kwargs.pop("timeout", 10), **kwargs
         )
@@ -121,13 +137,14 @@ class Database:
 
     async def open(self) -> None:
         if self._pool is None:
-            with mapped_errors():
+            with mapped_errors(), _dsn_errors(self.dsn):
                 self._pool = await asyncpg.create_pool(
                     self.dsn,
                     min_size=self._min_size,
                     max_size=self._max_size,
                     server_settings=_settings(self.schema),
                     init=_setup_connection,
+                    reset=_keep_session,
                     timeout=10,
                 )
 
@@ -159,8 +176,13 @@ class Database:
         *,
         transaction: bool = True,
         retry_for: float | None = None,
+        reset_session: bool = False,
     ) -> T:
-        """Run ``work(conn)`` (in one transaction), retrying transient faults."""
+        """Run ``work(conn)`` (in one transaction), retrying transient faults.
+
+        ``reset_session`` resets the connection's session state afterwards: use it
+        when ``work`` runs user SQL that might change settings.
+        """
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential(multiplier=0.05, max=2.0),
@@ -171,8 +193,12 @@ class Database:
             with attempt:
                 async with self.acquire() as conn:
                     with mapped_errors():
-                        if not transaction:
-                            return await work(conn)
-                        async with conn.transaction():
-                            return await work(conn)
+                        try:
+                            if not transaction:
+                                return await work(conn)
+                            async with conn.transaction():
+                                return await work(conn)
+                        finally:
+                            if reset_session and not conn.is_closed():
+                                await conn.reset()
         raise AssertionError("unreachable")  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ from ._store import Database
 from ._types import TERMINAL_STATUSES
 
 log = logging.getLogger("pgdurable_async.turns")
+
+_QUARANTINE_SECONDS = 60
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, DatabaseError) and bool(getattr(exc, "transient", False))
+
 
 _FINAL_STATUS = {
     ev.ORCHESTRATION_COMPLETED: "completed",
@@ -79,15 +87,20 @@ class TurnProcessor:
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._known: dict[str, set[str]] = {"activity": set(app.activities), "orchestration": set(app.orchestrations)}
         self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
+        self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
 
     async def run_batch(self) -> int:
-        """Claim and run one batch of turns; returns how many instances advanced."""
+        """Claim and run one batch of turns; returns how many instances advanced.
+
+        If the batch cannot be written, its instances are retried one by one, so
+        one bad instance fails alone instead of stalling the others.
+        """
         if not self.names:
             return 0
         try:
             return await self.db.run(self._batch)
-        except DatabaseError as exc:
-            if exc.transient:  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - isolate whatever broke the batch
+            if _transient(exc):
                 raise
             log.warning("a turn batch failed (%s); retrying its instances one by one", exc)
             return await self._one_by_one()
@@ -98,15 +111,31 @@ class TurnProcessor:
         for instance_id in ids:
             try:
                 done += await self.db.run(functools.partial(self._batch, only=instance_id))
-            except DatabaseError as exc:
-                if getattr(exc, "transient", False):
+                continue
+            except Exception as exc:  # noqa: BLE001
+                if _transient(exc):
                     raise
-                await self.db.run(functools.partial(self._fail_instance, instance_id=instance_id, exc=exc))
-                done += 1
+                failure: Exception = exc
+            try:
+                await self.db.run(functools.partial(self._fail_instance, instance_id=instance_id, exc=failure))
+            except Exception as exc:  # noqa: BLE001
+                if _transient(exc):
+                    raise
+                log.error("instance %r can be neither advanced nor failed (%s); set aside for %d s",
+                          instance_id, exc, _QUARANTINE_SECONDS)
+                self._quarantine[instance_id] = time.monotonic() + _QUARANTINE_SECONDS
+            done += 1
         return done
 
+    def _excluded(self) -> list[str]:
+        now = time.monotonic()
+        for instance_id in [i for i, until in self._quarantine.items() if until <= now]:
+            del self._quarantine[instance_id]
+        return list(self._quarantine)
+
     async def _claimable(self, conn: asyncpg.Connection[Any]) -> list[str]:
-        rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4)
+        rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4,
+                                self._excluded())
         return [r["instance_id"] for r in rows]
 
     async def _fail_instance(self, conn: asyncpg.Connection[Any], instance_id: str, exc: Exception) -> None:
@@ -116,11 +145,12 @@ class TurnProcessor:
         self._forget(instance_id)
         w = _Writes()
         error = {"type": "TurnError", "message": f"a turn could not be written: {exc}", "traceback": ""}
-        seq = row["history_len"] + 1
+        seq = await conn.fetchval(q("last_seq"), instance_id, row["execution_id"]) + 1
         w.history.append((instance_id, row["execution_id"], seq, ev.ORCHESTRATION_FAILED, _json({"error": error}),
                           datetime.now(UTC)))
         w.updates.append((instance_id, "failed", None, _json(error), False, None, row["execution_id"], seq, None))
         w.finished.append(instance_id)
+        w.consumed.extend(r["id"] for r in await conn.fetch(q("fetch_messages"), [instance_id]))
         if row["parent_instance_id"]:
             w.messages.append(self._to_parent(row, ev.SUB_ORCHESTRATION_FAILED, {"error": error}))
         await self._write(conn, w)
@@ -128,7 +158,8 @@ class TurnProcessor:
     # -- one batch -------------------------------------------------------------
     async def _batch(self, conn: asyncpg.Connection[Any], only: str | None = None) -> int:
         if only is None:
-            rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4)
+            rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4,
+                                    self._excluded())
         else:
             rows = [r for r in [await conn.fetchrow(q("lock_instance"), only)] if r is not None]
         if not rows:

@@ -23,7 +23,7 @@ SELECT i.instance_id, i.name, i.status, i.execution_id, i.history_len,
 FROM instances i
 WHERE i.instance_id IN (
     SELECT DISTINCT q.instance_id FROM orchestrator_queue q
-    WHERE q.orchestration = ANY($1::text[])
+    WHERE q.orchestration = ANY($1::text[]) AND NOT (q.instance_id = ANY($4::text[]))
     LIMIT $3
 )
 FOR UPDATE OF i SKIP LOCKED
@@ -34,6 +34,9 @@ SELECT id, instance_id, execution_id, kind, payload
 FROM orchestrator_queue
 WHERE instance_id = ANY($1::text[])
 ORDER BY id;
+
+-- name: last_seq
+SELECT coalesce(max(seq), 0) FROM history WHERE instance_id = $1 AND execution_id = $2;
 
 -- name: fetch_histories
 SELECT h.instance_id, h.event_type, h.payload, h.recorded_at

@@ -295,9 +295,6 @@ async def _commits(conn: asyncpg.Connection) -> int:
     return value
 
 
-@pytest.mark.xfail(strict=True, reason="transactional items are not lease-extended, so once their lease lapses "
-                   "next_work_due reports a past visible_at for a row claim_work skips as locked, and "
-                   "Runtime._claim_step re-polls every 50 ms until the activity ends")
 async def test_idle_worker_does_not_poll_while_a_transactional_activity_outlives_its_lease(dsn: str) -> None:
     """No steady-state polling: waiting on a locked work item costs no queries."""
     conn = await asyncpg.connect(dsn)
