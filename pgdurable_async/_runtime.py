@@ -100,6 +100,7 @@ class Runtime:
         self._listener: asyncpg.Connection[Any] | None = None
         self.reconnects = 0
         self._blocked_polls = 0
+        self._loops_in_transaction = 0  # turn and timer steps under way (stop lets them finish)
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
@@ -164,10 +165,13 @@ class Runtime:
         if self._stopping.is_set() and self._stopped.is_set():
             return
         self._stopping.set()
-        self._work.set()
+        self.wake_all()
         self.activities.capacity.set()
         with anyio.move_on_after(self.drain_timeout, shield=True):
             await self._activities_drained.wait()
+        with anyio.move_on_after(10, shield=True):  # let a turn in progress commit, not be cut off
+            while self._loops_in_transaction:
+                await anyio.sleep(0.01)
         tg, self._tg = self._tg, None
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
@@ -268,7 +272,11 @@ class Runtime:
 
             async def step() -> None:
                 nonlocal progressed
-                progressed = await self.turns.run_batch()
+                self._loops_in_transaction += 1
+                try:
+                    progressed = await self.turns.run_batch()
+                finally:
+                    self._loops_in_transaction -= 1
 
             if not await self._guarded("turn", step) or progressed:
                 self._work.set()
@@ -350,7 +358,11 @@ class Runtime:
 
             async def step() -> None:
                 nonlocal wait_for
-                fired = await self.db.run(lambda conn: conn.fetchval(q("fire_timers"), names, 1000))
+                self._loops_in_transaction += 1
+                try:
+                    fired = await self.db.run(lambda conn: conn.fetchval(q("fire_timers"), names, 1000))
+                finally:
+                    self._loops_in_transaction -= 1
                 if fired:
                     self._orch.set()
                 if fired and fired >= 1000:

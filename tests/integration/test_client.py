@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import asyncpg
 import pytest
 
@@ -101,6 +102,9 @@ async def test_duplicate_id_unknown_name_and_bad_input_write_nothing(dsn: str) -
     async with pgd.Runtime(app, dsn) as runtime:
         client = runtime.client
         await client.start(waits, None, instance_id="dup")
+        with anyio.fail_after(20):  # its start message consumed: the counts are settled
+            while (await client.status("dup")).status is not pgd.Status.RUNNING:
+                await anyio.sleep(0.02)
         before = await _counts(dsn)
         with pytest.raises(pgd.InstanceAlreadyExists):
             await client.start(single, 1, instance_id="dup")
