@@ -31,7 +31,6 @@ from ._activities import ActivityWorker, WorkItem
 from ._app import App
 from ._client import Client
 from ._errors import ConfigurationError, DatabaseError
-from ._graph_acts import install as install_graph_builtins
 from ._migrate import migrate_connection, require_current
 from ._serde import DEFAULT_MAX_PAYLOAD_BYTES
 from ._sql import q
@@ -68,7 +67,6 @@ class Runtime:
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
-        install_graph_builtins(app)  # SQL-started graphs (df.start) run on any worker
         self.app = app
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = Database(dsn, schema=schema, min_size=2, max_size=min(max_concurrency, 32) + turn_concurrency + 4)
