@@ -186,6 +186,16 @@ class App:
             raise ConfigurationError(f"the name {name!r} is already registered")
         return name
 
+    def graph(self, name: str, graph: Any) -> None:
+        """Register a graph workflow (a ``pgdurable_async.dsl`` node or graph JSON) under ``name``.
+
+        It starts like any orchestration (``client.start(name, input)``); SQL in it
+        reads the input as ``$input``.  Raises ``dsl.GraphError`` if the graph is invalid.
+        """
+        from ._graph_acts import register_graph
+
+        register_graph(self, name, graph)
+
     def orchestration_def(self, ref: Any) -> OrchestrationDef:
         """The orchestration registered under ``ref`` (function or name)."""
         name = name_of(ref, kind="orchestration")

@@ -127,11 +127,28 @@ async def database(dsn: str | None) -> AsyncIterator[str]:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo fan-out workflow on an embedded runtime, showing progress."""
+    """Run the demo fan-out workflow (or the graph example NAME) on an embedded runtime."""
+    if args.name:
+        from ._graph_demo import load_example
+
+        example = load_example(args.name)  # fail fast, before a cluster starts
+        async with database(args.dsn) as dsn:
+            await example.run(dsn, out=sys.stdout)
+        return 0
     from ._demo import run_demo
 
     async with database(args.dsn) as dsn:
         await run_demo(dsn, schema=args.schema, fanout=args.fanout, out=sys.stdout)
+    return 0
+
+
+async def cmd_graph(args: argparse.Namespace) -> int:
+    """Print a graph workflow instance as Mermaid, each node with its state."""
+    from ._graph_mermaid import render_instance
+
+    app = load_app(args.app) if args.app else None
+    async with admin.client_for(args) as client:
+        print(await render_instance(client, args.id, app))
     return 0
 
 
@@ -213,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="recorded reason")
     p = add("purge", admin.cmd_purge, "delete a finished instance and its history")
     p.add_argument("id", help="instance id")
-    p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress", needs_dsn=False)
+    p = add("graph", cmd_graph, "print a graph workflow as Mermaid with each node's state")
+    p.add_argument("id", help="instance id")
+    p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")
+    p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress, or a graph example", needs_dsn=False)
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="a graph example: document_batch, embedding_pipeline, outbox, maintenance")
     p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
     p = add("bench", cmd_bench, "measure fan-out throughput", needs_dsn=False)
     p.add_argument("--fanout", type=count, default=10_000, metavar="N", help="activities per workflow")

@@ -31,6 +31,7 @@ from ._activities import ActivityWorker, WorkItem
 from ._app import App
 from ._client import Client
 from ._errors import ConfigurationError, DatabaseError
+from ._graph_acts import install as install_graph_builtins
 from ._migrate import migrate_connection, require_current
 from ._serde import DEFAULT_MAX_PAYLOAD_BYTES
 from ._sql import q
@@ -67,6 +68,7 @@ class Runtime:
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
+        install_graph_builtins(app)  # SQL-started graphs (df.start) run on any worker
         self.app = app
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = Database(dsn, schema=schema, min_size=2, max_size=min(max_concurrency, 32) + turn_concurrency + 4)
@@ -98,7 +100,7 @@ class Runtime:
         self._listener: asyncpg.Connection[Any] | None = None
         self.reconnects = 0
         self._blocked_polls = 0
-        self._loops_in_transaction = 0  # turn and timer steps under way (stop lets them finish)
+        self._steps = _StepsInFlight()  # turn and timer transactions under way (stop lets them finish)
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
@@ -168,8 +170,7 @@ class Runtime:
         with anyio.move_on_after(self.drain_timeout, shield=True):
             await self._activities_drained.wait()
         with anyio.move_on_after(10, shield=True):  # let a turn in progress commit, not be cut off
-            while self._loops_in_transaction:
-                await anyio.sleep(0.01)
+            await self._steps.idle()
         tg, self._tg = self._tg, None
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
@@ -270,11 +271,8 @@ class Runtime:
 
             async def step() -> None:
                 nonlocal progressed
-                self._loops_in_transaction += 1
-                try:
+                with self._steps:
                     progressed = await self.turns.run_batch()
-                finally:
-                    self._loops_in_transaction -= 1
 
             if not await self._guarded("turn", step) or progressed:
                 self._work.set()
@@ -356,11 +354,8 @@ class Runtime:
 
             async def step() -> None:
                 nonlocal wait_for
-                self._loops_in_transaction += 1
-                try:
+                with self._steps:
                     fired = await self.db.run(lambda conn: conn.fetchval(q("fire_timers"), names, 1000))
-                finally:
-                    self._loops_in_transaction -= 1
                 if fired:
                     self._orch.set()
                 if fired and fired >= 1000:
@@ -373,6 +368,28 @@ class Runtime:
             if not await self._guarded("timer", step):
                 continue
             await self._timer.wait(seen, wait_for)
+
+
+class _StepsInFlight:
+    """Counts loop steps that are inside a transaction; :meth:`idle` waits for none."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        if self._count == 0:
+            self._idle = anyio.Event()
+        self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 def _set_on_call(event: anyio.Event) -> Any:

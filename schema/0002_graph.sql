@@ -1,0 +1,961 @@
+-- pgdurable_async graph DSL, version 2: pg_durable's `df` surface in plain SQL.
+-- Applied with search_path set to the pgdurable schema (tables unqualified).
+-- Node functions build graph JSON (as text, so a plain SQL string in a node
+-- position is auto-wrapped as a SQL node); df.start() records the instance in
+-- the caller's transaction; the `pgdurable.graph` orchestration of any worker
+-- interprets it.  Idempotent: CREATE OR REPLACE / IF NOT EXISTS throughout.
+
+SELECT pg_advisory_xact_lock(hashtext('pgdurable_async:df'));  -- `df` is shared by all pgdurable schemas
+-- Functions below capture this search_path (SET search_path FROM CURRENT); pg_temp goes
+-- last so a caller's temporary table cannot stand in for ours in SECURITY DEFINER code.
+SELECT set_config('search_path', current_setting('search_path') || ', pg_temp', true);
+CREATE SCHEMA IF NOT EXISTS df;
+
+-- Starting any registered orchestration from SQL (same transactional rule as df.start).
+CREATE OR REPLACE FUNCTION start(name text, input jsonb, instance_id text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    id text := coalesce(instance_id, replace(gen_random_uuid()::text, '-', ''));
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'pgdurable.start: name must be a registered orchestration name';
+    END IF;
+    INSERT INTO instances (instance_id, name, status, input) VALUES (id, name, 'pending', input)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgdurable.start: instance % already exists', id USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    VALUES (id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input));
+    RETURN id;
+END $$;
+
+CREATE OR REPLACE FUNCTION send(instance_id text, kind text, payload jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT i.status INTO st FROM instances i WHERE i.instance_id = send.instance_id;
+    IF st IS NULL THEN
+        RAISE EXCEPTION 'instance % not found', send.instance_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF st IN ('pending', 'running') THEN
+        INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+        SELECT i.instance_id, NULL, i.name, send.kind, send.payload
+        FROM instances i WHERE i.instance_id = send.instance_id;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION raise_event(instance_id text, name text, data jsonb DEFAULT NULL) RETURNS void
+LANGUAGE sql SET search_path FROM CURRENT AS $$
+    SELECT send(instance_id, 'event_received', jsonb_build_object('name', name, 'data', data));
+$$;
+
+CREATE OR REPLACE FUNCTION cancel(instance_id text, reason text DEFAULT NULL) RETURNS void
+LANGUAGE sql SET search_path FROM CURRENT AS $$
+    SELECT send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
+$$;
+
+-- ---------------------------------------------------------------------------------------
+-- Node construction.  A node is graph JSON as text; text not starting with '{' is SQL.
+CREATE OR REPLACE FUNCTION df._node(t text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    n jsonb;
+BEGIN
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'df: a graph node must not be NULL';
+    END IF;
+    IF left(ltrim(t), 1) <> '{' THEN
+        RETURN jsonb_build_object('type', 'sql', 'query', t);
+    END IF;
+    BEGIN
+        n := t::jsonb;
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'df: % is neither SQL nor a graph node', left(t, 80);
+    END;
+    IF jsonb_typeof(n) <> 'object' OR NOT n ? 'type' THEN
+        RAISE EXCEPTION 'df: % is not a graph node', left(t, 80);
+    END IF;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._is_open(n jsonb) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT n->>'type' = 'if' AND coalesce((n->>'open')::boolean, false);
+$$;
+
+CREATE OR REPLACE FUNCTION df._steps(n jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN n->>'type' = 'seq' THEN n->'steps' ELSE jsonb_build_array(n) END;
+$$;
+
+CREATE OR REPLACE FUNCTION df.sql(query text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF query IS NULL OR btrim(query) = '' THEN
+        RAISE EXCEPTION 'df.sql: the query must not be empty';
+    END IF;
+    RETURN jsonb_build_object('type', 'sql', 'query', query)::text;
+END $$;
+
+-- ~> / df.seq.  `cond ?> a ~> b !> c`: an open `?>` takes what follows into its then-branch.
+CREATE OR REPLACE FUNCTION df.seq(a text, b text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    x jsonb := df._node(a);
+    y jsonb := df._node(b);
+BEGIN
+    IF df._is_open(x) THEN
+        RETURN jsonb_set(x, '{then}', df.seq((x->'then')::text, b)::jsonb)::text;
+    END IF;
+    RETURN jsonb_build_object('type', 'seq', 'steps', df._steps(x) || df._steps(y))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.seq(VARIADIC steps text[]) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    acc text;
+    s text;
+BEGIN
+    IF steps IS NULL OR cardinality(steps) = 0 THEN
+        RAISE EXCEPTION 'df.seq: needs at least one step';
+    END IF;
+    FOREACH s IN ARRAY steps LOOP
+        acc := CASE WHEN acc IS NULL THEN df._node(s)::text ELSE df.seq(acc, s) END;
+    END LOOP;
+    RETURN acc;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._pair(kind text, a text, b text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    x jsonb := df._node(a);
+    y jsonb := df._node(b);
+BEGIN
+    IF df._is_open(x) THEN
+        RETURN jsonb_set(x, '{then}', df._pair(kind, (x->'then')::text, b)::jsonb)::text;
+    END IF;
+    RETURN jsonb_build_object('type', kind, 'branches', jsonb_build_array(x, y))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.join(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT df._pair('join', a, b);
+$$;
+
+CREATE OR REPLACE FUNCTION df.join3(a text, b text, c text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'join', 'branches',
+                              jsonb_build_array(df._node(a), df._node(b), df._node(c)))::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df.race(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT df._pair('race', a, b);
+$$;
+
+CREATE OR REPLACE FUNCTION df."as"(fut text, name text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    x jsonb := df._node(fut);
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+        RAISE EXCEPTION 'df.as: % is not a valid result name (letters, digits, _)', coalesce(name, 'NULL');
+    END IF;
+    IF df._is_open(x) THEN
+        RETURN jsonb_set(x, '{then}', df."as"((x->'then')::text, name)::jsonb)::text;
+    END IF;
+    RETURN jsonb_build_object('type', 'bind', 'name', name, 'node', x)::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df."if"(condition text, then_node text, else_node text DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'if', 'cond', df._node(condition), 'then', df._node(then_node),
+                              'else', CASE WHEN else_node IS NULL THEN NULL ELSE df._node(else_node) END)::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df.if_rows(result_name text, then_node text, else_node text DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'if_rows', 'name', result_name, 'then', df._node(then_node),
+                              'else', CASE WHEN else_node IS NULL THEN NULL ELSE df._node(else_node) END)::text;
+$$;
+
+-- ?> opens an if (its else still missing); !> closes it.
+CREATE OR REPLACE FUNCTION df._then(condition text, then_node text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'if', 'cond', df._node(condition), 'then', df._node(then_node),
+                              'else', NULL, 'open', true)::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df._else(open_if text, else_node text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    x jsonb := df._node(open_if);
+BEGIN
+    IF NOT df._is_open(x) THEN
+        RAISE EXCEPTION 'df: !> needs a condition opened with ?> on its left';
+    END IF;
+    RETURN (jsonb_set(x, '{else}', df._node(else_node)) - 'open')::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.loop(body text, condition text DEFAULT NULL, continue_on_failure boolean DEFAULT false)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'loop', 'body', df._node(body),
+                              'cond', CASE WHEN condition IS NULL THEN NULL ELSE df._node(condition) END,
+                              'continue_on_failure', coalesce(continue_on_failure, false))::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df._forever(body text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT df.loop(body);
+$$;
+
+CREATE OR REPLACE FUNCTION df."break"(value text DEFAULT NULL) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    IF value IS NOT NULL THEN
+        BEGIN
+            v := value::jsonb;
+        EXCEPTION WHEN others THEN
+            v := to_jsonb(value);
+        END;
+    END IF;
+    RETURN jsonb_build_object('type', 'break', 'value', v)::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.sleep(seconds double precision) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF seconds IS NULL OR seconds < 0 THEN
+        RAISE EXCEPTION 'df.sleep: seconds must be >= 0';
+    END IF;
+    RETURN jsonb_build_object('type', 'sleep', 'seconds', seconds)::text;
+END $$;
+
+-- 5-field cron check (the worker re-checks with cronsim).
+CREATE OR REPLACE FUNCTION df._check_cron(expr text) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    fields text[] := regexp_split_to_array(btrim(coalesce(expr, '')), '\s+');
+    lo int[] := ARRAY[0, 0, 1, 1, 0];
+    hi int[] := ARRAY[59, 23, 31, 12, 7];
+    f text;
+    part text;
+    num text;
+    i int;
+BEGIN
+    IF cardinality(fields) <> 5 THEN
+        RAISE EXCEPTION 'bad cron expression %: expected 5 fields (min hour dom month dow)', quote_literal(expr);
+    END IF;
+    FOR i IN 1..5 LOOP
+        f := fields[i];
+        FOREACH part IN ARRAY string_to_array(f, ',') LOOP
+            IF part !~ '^(\*|[0-9]+(-[0-9]+)?|[A-Za-z]{3}(-[A-Za-z]{3})?)(/[0-9]+)?$' THEN
+                RAISE EXCEPTION 'bad cron expression %: field % (%) is malformed', quote_literal(expr), i, f;
+            END IF;
+            FOR num IN SELECT (regexp_matches(split_part(part, '/', 1), '[0-9]+', 'g'))[1] LOOP
+                IF num::int < lo[i] OR num::int > hi[i] THEN
+                    RAISE EXCEPTION 'bad cron expression %: % is out of range for field % (%-%)',
+                        quote_literal(expr), num, i, lo[i], hi[i];
+                END IF;
+            END LOOP;
+        END LOOP;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    PERFORM df._check_cron(cron_expr);
+    RETURN jsonb_build_object('type', 'wait_for_schedule', 'cron', btrim(cron_expr))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.wait_for_signal(name text, timeout double precision DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'df.wait_for_signal: name must not be empty';
+    END IF;
+    IF timeout IS NOT NULL AND timeout < 0 THEN
+        RAISE EXCEPTION 'df.wait_for_signal: timeout must be >= 0';
+    END IF;
+    RETURN jsonb_build_object('type', 'wait_for_signal', 'name', name, 'timeout', timeout)::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL,
+                                   headers jsonb DEFAULT NULL, timeout integer DEFAULT 30) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF url IS NULL OR url !~* '^https?://' THEN
+        RAISE EXCEPTION 'df.http: % is not an http(s) URL', coalesce(url, 'NULL');
+    END IF;
+    IF upper(coalesce(method, 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD') THEN
+        RAISE EXCEPTION 'df.http: unsupported method %', method;
+    END IF;
+    RETURN jsonb_build_object('type', 'http', 'url', url, 'method', upper(coalesce(method, 'POST')),
+                              'body', body, 'headers', headers, 'timeout', coalesce(timeout, 30))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.call(name text, input jsonb DEFAULT NULL) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'df.call: name must be a registered orchestration or graph';
+    END IF;
+    RETURN jsonb_build_object('type', 'call', 'name', name, 'input', input)::text;
+END $$;
+
+-- Operators.  PostgreSQL gives every user-defined operator the same precedence,
+-- left-associative; they go in `public` so that pg_durable scripts run unchanged.
+DO $ops$
+DECLARE
+    target text;
+    spec record;
+BEGIN
+    FOREACH target IN ARRAY ARRAY['df', 'public'] LOOP
+        CONTINUE WHEN to_regnamespace(target) IS NULL;
+        FOR spec IN SELECT * FROM (VALUES
+            ('~>', 'df.seq'), ('&', 'df.join'), ('|', 'df.race'), ('|=>', 'df.as'),
+            ('?>', 'df._then'), ('!>', 'df._else')) AS v(op, fn)
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_operator o
+                           WHERE o.oprname = spec.op AND o.oprnamespace = to_regnamespace(target)
+                             AND o.oprleft = 'text'::regtype AND o.oprright = 'text'::regtype) THEN
+                EXECUTE format('CREATE OPERATOR %I.%s (LEFTARG = text, RIGHTARG = text, FUNCTION = %s)',
+                               target, spec.op, spec.fn);
+            END IF;
+        END LOOP;
+        IF NOT EXISTS (SELECT 1 FROM pg_operator o
+                       WHERE o.oprname = '@>' AND o.oprnamespace = to_regnamespace(target)
+                         AND o.oprleft = 0 AND o.oprright = 'text'::regtype) THEN
+            EXECUTE format('CREATE OPERATOR %I.@> (RIGHTARG = text, FUNCTION = df._forever)', target);
+        END IF;
+    END LOOP;
+END $ops$;
+
+-- ---------------------------------------------------------------------------------------
+-- Validation at start: unknown node types, bad cron, references used before a bind.
+-- $name references in SQL, found outside quotes, dollar-quoted bodies and comments.
+CREATE OR REPLACE FUNCTION df._refs(q text) RETURNS TABLE (name text, null_safe boolean)
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    i int := 1;
+    n int := length(q);
+    c text;
+    esc boolean;
+    depth int;
+    j int;
+    tag text;
+    m text[];
+BEGIN
+    WHILE i <= n LOOP
+        c := substr(q, i, 1);
+        IF c = '''' THEN
+            esc := i > 1 AND lower(substr(q, i - 1, 1)) = 'e' AND (i = 2 OR substr(q, i - 2, 1) !~ '[A-Za-z0-9_]');
+            i := i + 1;
+            WHILE i <= n LOOP
+                c := substr(q, i, 1);
+                IF esc AND c = E'\\' THEN
+                    i := i + 2;
+                ELSIF c = '''' AND substr(q, i + 1, 1) = '''' THEN
+                    i := i + 2;
+                ELSIF c = '''' THEN
+                    EXIT;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+            i := i + 1;
+        ELSIF c = '"' THEN
+            i := i + 1;
+            WHILE i <= n LOOP
+                IF substr(q, i, 2) = '""' THEN
+                    i := i + 2;
+                ELSIF substr(q, i, 1) = '"' THEN
+                    EXIT;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+            i := i + 1;
+        ELSIF substr(q, i, 2) = '--' THEN
+            j := strpos(substr(q, i), E'\n');
+            i := CASE WHEN j = 0 THEN n + 1 ELSE i + j END;
+        ELSIF substr(q, i, 2) = '/*' THEN
+            depth := 0;
+            WHILE i <= n LOOP
+                IF substr(q, i, 2) = '/*' THEN
+                    depth := depth + 1;
+                    i := i + 2;
+                ELSIF substr(q, i, 2) = '*/' THEN
+                    depth := depth - 1;
+                    i := i + 2;
+                    EXIT WHEN depth = 0;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF c = '$' AND (i = 1 OR substr(q, i - 1, 1) !~ '[A-Za-z0-9_$]') THEN
+            m := regexp_match(substr(q, i + 1), '^([A-Za-z_][A-Za-z0-9_]*)?(\$)?');
+            IF m[2] IS NOT NULL THEN  -- a dollar quote: skip its body
+                tag := '$' || coalesce(m[1], '') || '$';
+                j := strpos(substr(q, i + length(tag)), tag);
+                i := CASE WHEN j = 0 THEN n + 1 ELSE i + 2 * length(tag) + j - 1 END;
+            ELSIF m[1] IS NOT NULL THEN
+                m := regexp_match(substr(q, i), '^\$([A-Za-z_][A-Za-z0-9_]*)(\.(\*|[A-Za-z_][A-Za-z0-9_]*))?(\?)?');
+                name := m[1];
+                null_safe := m[4] IS NOT NULL;
+                RETURN NEXT;
+                i := i + 1 + length(m[1]) + coalesce(length(m[2]), 0) + coalesce(length(m[4]), 0);
+            ELSIF substr(q, i + 1, 1) ~ '[0-9]' THEN
+                RAISE EXCEPTION 'df.start: positional parameters like $1 are not allowed in %; use $name references',
+                    quote_literal(left(q, 80));
+            ELSE
+                i := i + 1;
+            END IF;
+        ELSE
+            i := i + 1;
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._check_refs(refs text[], nullsafe boolean[], bound text[], what text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    FOR k IN 1..coalesce(cardinality(refs), 0) LOOP
+        IF NOT nullsafe[k] AND NOT (refs[k] = ANY (bound)) THEN
+            RAISE EXCEPTION 'df.start: $% is used before it is bound on every path (bind it with |=> %) in %',
+                refs[k], quote_literal(refs[k]), quote_literal(left(what, 80));
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._intersect(a text[], b text[]) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN a IS NULL THEN b ELSE ARRAY(SELECT unnest(a) INTERSECT SELECT unnest(b)) END;
+$$;
+
+-- Check a graph; returns the names bound after it on every path.
+CREATE OR REPLACE FUNCTION df._check(n jsonb, bound text[]) RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text := n->>'type';
+    child jsonb;
+    acc text[];
+    r record;
+    refs text[];
+    safe boolean[];
+BEGIN
+    IF jsonb_typeof(n) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'df.start: malformed graph node %', left(coalesce(n::text, 'NULL'), 80);
+    END IF;
+    CASE t
+    WHEN 'sql' THEN
+        SELECT array_agg(x.name), array_agg(x.null_safe) INTO refs, safe FROM df._refs(n->>'query') x;
+        PERFORM df._check_refs(refs, safe, bound, n->>'query');
+        RETURN bound;
+    WHEN 'http' THEN
+        SELECT array_agg(m[1]), array_agg(m[4] IS NOT NULL) INTO refs, safe
+        FROM regexp_matches(concat_ws(' ', n->>'url', n->>'body', n->>'headers'),
+                            '\$([A-Za-z_][A-Za-z0-9_]*)(\.(\*|[A-Za-z_][A-Za-z0-9_]*))?(\?)?', 'g') AS m;
+        PERFORM df._check_refs(refs, safe, bound, n->>'url');
+        RETURN bound;
+    WHEN 'seq' THEN
+        FOR child IN SELECT value FROM jsonb_array_elements(n->'steps') LOOP
+            bound := df._check(child, bound);
+        END LOOP;
+        RETURN bound;
+    WHEN 'join' THEN
+        acc := bound;
+        FOR child IN SELECT value FROM jsonb_array_elements(n->'branches') LOOP
+            acc := acc || df._check(child, bound);
+        END LOOP;
+        RETURN acc;
+    WHEN 'race' THEN
+        FOR child IN SELECT value FROM jsonb_array_elements(n->'branches') LOOP
+            acc := df._intersect(acc, df._check(child, bound));
+        END LOOP;
+        RETURN acc;
+    WHEN 'bind' THEN
+        RETURN df._check(n->'node', bound) || (n->>'name');
+    WHEN 'if', 'if_rows' THEN
+        IF t = 'if_rows' AND n->'cond' IS NULL AND NOT ((n->>'name') = ANY (bound)) THEN
+            RAISE EXCEPTION 'df.start: df.if_rows tests %, which is not bound before it', quote_literal(n->>'name');
+        END IF;
+        IF jsonb_typeof(n->'cond') = 'object' THEN
+            bound := df._check(n->'cond', bound);
+        END IF;
+        acc := df._check(n->'then', bound);
+        IF jsonb_typeof(n->'else') = 'object' THEN
+            acc := df._intersect(acc, df._check(n->'else', bound));
+        ELSE
+            acc := df._intersect(acc, bound);
+        END IF;
+        RETURN acc;
+    WHEN 'loop' THEN
+        acc := df._check(n->'body', bound);
+        IF jsonb_typeof(n->'cond') = 'object' THEN
+            PERFORM df._check(n->'cond', acc);
+        END IF;
+        RETURN bound;
+    WHEN 'wait_for_schedule' THEN
+        PERFORM df._check_cron(n->>'cron');
+        RETURN bound;
+    WHEN 'wait_for_signal' THEN
+        RETURN bound || (n->>'name');  -- a signal's result is readable as $<signal name>
+    WHEN 'fan_out' THEN  -- Python DSL graphs handed to df.start
+        IF NOT ((n->>'over') = ANY (bound)) THEN
+            RAISE EXCEPTION 'df.start: fan_out over %, which is not bound before it', quote_literal(n->>'over');
+        END IF;
+        PERFORM df._check(n->'step', bound || coalesce(n->>'as', 'item'));
+        RETURN bound;
+    WHEN 'sleep', 'call', 'break', 'activity' THEN
+        RETURN bound;
+    ELSE
+        RAISE EXCEPTION 'df.start: unknown node type %', coalesce(quote_literal(t), 'NULL');
+    END CASE;
+END $$;
+
+-- ---------------------------------------------------------------------------------------
+-- Variables ({name} in SQL), per submitting role.
+CREATE TABLE IF NOT EXISTS df.vars (
+    name  text NOT NULL,
+    value text,
+    owner regrole NOT NULL DEFAULT current_user::regrole,
+    PRIMARY KEY (owner, name)
+);
+ALTER TABLE df.vars ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS vars_user_isolation ON df.vars;
+CREATE POLICY vars_user_isolation ON df.vars FOR ALL
+    USING (owner = current_user::regrole) WITH CHECK (owner = current_user::regrole);
+
+CREATE OR REPLACE FUNCTION df.setvar(name text, value text) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO df.vars (name, value, owner) VALUES (setvar.name, setvar.value, current_user::regrole)
+    ON CONFLICT (owner, name) DO UPDATE SET value = excluded.value;
+$$;
+
+CREATE OR REPLACE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT v.value FROM df.vars v WHERE v.name = getvar.name AND v.owner = current_user::regrole;
+$$;
+
+CREATE OR REPLACE FUNCTION df.unsetvar(name text) RETURNS void LANGUAGE sql AS $$
+    DELETE FROM df.vars v WHERE v.name = unsetvar.name AND v.owner = current_user::regrole;
+$$;
+
+CREATE OR REPLACE FUNCTION df.clearvars() RETURNS void LANGUAGE sql AS $$
+    DELETE FROM df.vars v WHERE v.owner = current_user::regrole;
+$$;
+
+-- ---------------------------------------------------------------------------------------
+-- Starting.  df.start runs as the caller (so current_user is the submitting role) and
+-- hands over to df._submit, which runs as the schema owner and accepts only a role the
+-- session may assume.
+CREATE OR REPLACE FUNCTION df._submit(role text, graph jsonb, label text, search_path text, vars jsonb)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    id text;
+    doc jsonb;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = role AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
+        RAISE EXCEPTION 'df.start: session user % may not submit as role %', session_user, role
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    doc := jsonb_build_object('graph', graph, 'vars', coalesce(vars, '{}'), 'role', role,
+                              'search_path', search_path, 'label', label);
+    LOOP
+        id := lpad(to_hex((random() * 4294967295)::bigint), 8, '0');
+        INSERT INTO instances (instance_id, name, status, input) VALUES (id, 'pgdurable.graph', 'pending', doc)
+        ON CONFLICT DO NOTHING;
+        EXIT WHEN FOUND;
+    END LOOP;
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    VALUES (id, 1, 'pgdurable.graph', 'orchestration_started',
+            jsonb_build_object('name', 'pgdurable.graph', 'input', doc));
+    RETURN id;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._start_new(fut text, label text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    ext_schema text;
+    host text;
+    conn text;
+    id text;
+BEGIN
+    SELECT n.nspname INTO ext_schema
+    FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'dblink';
+    IF ext_schema IS NULL THEN
+        RAISE EXCEPTION 'df.start(transaction_mode => ''new'') needs the dblink extension: CREATE EXTENSION dblink'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    host := coalesce(host(inet_server_addr()),
+                     nullif(btrim(split_part(current_setting('unix_socket_directories'), ',', 1)), ''));
+    conn := format('dbname=%s user=%s port=%s', quote_literal(current_database()), quote_literal(session_user),
+                   current_setting('port'));
+    IF host IS NOT NULL THEN
+        conn := conn || format(' host=%s', quote_literal(host));
+    END IF;
+    EXECUTE format('SELECT t.id FROM %I.dblink($1, $2) AS t(id text)', ext_schema)
+        INTO id
+        USING conn, format('SET ROLE %I; SELECT df.start(%L, %L)', current_user, fut, label);
+    RETURN id;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAULT NULL,
+                                    transaction_mode text DEFAULT 'caller') RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    graph jsonb := df._node(fut);
+    mode text := lower(coalesce(transaction_mode, 'caller'));
+BEGIN
+    IF database IS NOT NULL AND database <> current_database() THEN
+        RAISE EXCEPTION 'df.start: database % is not this database (%); start it there', database, current_database();
+    END IF;
+    IF mode = 'new' THEN
+        RETURN df._start_new(fut, label);
+    ELSIF mode <> 'caller' THEN
+        RAISE EXCEPTION 'df.start: transaction_mode must be ''caller'' or ''new'', not %', quote_literal(transaction_mode);
+    END IF;
+    PERFORM df._check(graph, ARRAY[]::text[]);
+    RETURN df._submit(current_user::text, graph, label, current_setting('search_path'),
+                      (SELECT jsonb_object_agg(v.name, v.value) FROM df.vars v
+                       WHERE v.owner = current_user::regrole));
+END $$;
+
+-- ---------------------------------------------------------------------------------------
+-- Monitoring: instances started with df.start, visible to the roles that may act as
+-- their submitter (superusers see all).
+CREATE OR REPLACE VIEW df.instances WITH (security_barrier) AS
+SELECT i.instance_id                                   AS id,
+       i.input->>'label'                               AS label,
+       i.name                                          AS function_name,
+       i.status,
+       i.input->>'role'                                AS submitted_by,
+       i.execution_id                                  AS execution_count,
+       i.output,
+       i.error,
+       i.created_at,
+       i.updated_at,
+       CASE WHEN i.status = 'completed' THEN i.updated_at END AS completed_at
+FROM instances i
+WHERE i.name = 'pgdurable.graph' AND i.parent_instance_id IS NULL
+  AND EXISTS (SELECT 1 FROM pg_roles r
+              WHERE r.rolname = i.input->>'role' AND pg_has_role(current_user, r.oid, 'MEMBER'));
+
+CREATE OR REPLACE FUNCTION df._send(instance_id text, kind text, payload jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles r ON r.rolname = i.input->>'role'
+                   WHERE i.instance_id = _send.instance_id AND i.name = 'pgdurable.graph'
+                     AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
+        RAISE EXCEPTION 'df: instance % not found', _send.instance_id USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM send(instance_id, kind, payload);
+END $$;
+
+CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    data jsonb;
+BEGIN
+    BEGIN
+        data := coalesce(signal_data, '{}')::jsonb;
+    EXCEPTION WHEN others THEN
+        data := to_jsonb(signal_data);
+    END;
+    PERFORM df._send(instance_id, 'event_received', jsonb_build_object('name', signal_name, 'data', data));
+END $$;
+
+CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT NULL) RETURNS void
+LANGUAGE sql AS $$
+    SELECT df._send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
+$$;
+
+CREATE OR REPLACE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT i.status FROM df.instances i WHERE i.id = status.instance_id;
+$$;
+
+CREATE OR REPLACE FUNCTION df.result(instance_id text) RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT i.output FROM df.instances i WHERE i.id = result.instance_id AND i.status = 'completed';
+$$;
+
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count integer, output jsonb)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF limit_count IS NULL OR limit_count < 1 THEN
+        RAISE EXCEPTION 'df.list_instances: limit_count must be >= 1';
+    END IF;
+    RETURN QUERY
+    SELECT i.id, i.label, i.function_name, i.status, i.execution_count, i.output
+    FROM df.instances i
+    WHERE status_filter IS NULL OR i.status = status_filter
+    ORDER BY i.created_at DESC, i.id
+    LIMIT limit_count;
+END $$;
+
+-- Polls (inside SQL a LISTEN cannot be consumed); needs READ COMMITTED to see progress.
+CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout double precision DEFAULT 30)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout, 30));
+    st text;
+    pause double precision := 0.02;
+BEGIN
+    LOOP
+        SELECT i.status INTO st FROM df.instances i WHERE i.id = await_instance.instance_id;
+        IF st IS NULL THEN
+            RAISE EXCEPTION 'df.await_instance: instance % not found', instance_id USING ERRCODE = 'no_data_found';
+        END IF;
+        IF st IN ('completed', 'failed', 'cancelled', 'terminated') THEN
+            RETURN st;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'df.await_instance: instance % is still % after % s', instance_id, st, timeout
+                USING ERRCODE = 'query_canceled';
+        END IF;
+        PERFORM pg_sleep(least(pause, greatest(extract(epoch FROM deadline - clock_timestamp()), 0)));
+        pause := least(pause * 1.5, 0.5);
+    END LOOP;
+END $$;
+
+-- ---------------------------------------------------------------------------------------
+-- Nodes of an instance's graph with their states.  SQL and HTTP nodes have a physical
+-- state read from the history (activity events carry the node id); other nodes are
+-- derived from their children and siblings (`python -m pgdurable_async graph ID`
+-- computes exact states for every node by replaying the history).
+CREATE OR REPLACE FUNCTION df._graph_nodes(graph jsonb)
+RETURNS TABLE (node_id text, parent_id text, depth int, pos int, node jsonb)
+LANGUAGE sql IMMUTABLE AS $$
+    WITH RECURSIVE walk(node_id, parent_id, depth, pos, node) AS (
+        SELECT 'n0'::text, NULL::text, 0, 0, graph
+        UNION ALL
+        SELECT w.node_id || '.' || c.idx, w.node_id, w.depth + 1, c.idx, c.child
+        FROM walk w
+        CROSS JOIN LATERAL (
+            SELECT (e.ord - 1)::int AS idx, e.value AS child
+            FROM jsonb_array_elements(CASE WHEN w.node->>'type' = 'seq' THEN w.node->'steps'
+                                           WHEN w.node->>'type' IN ('join', 'race') THEN w.node->'branches'
+                                           ELSE '[]'::jsonb END) WITH ORDINALITY AS e(value, ord)
+            UNION ALL
+            SELECT f.idx, w.node->f.field
+            FROM (VALUES ('bind', 'node', 0), ('if', 'cond', 0), ('if', 'then', 1), ('if', 'else', 2),
+                         ('if_rows', 'cond', 0), ('if_rows', 'then', 1), ('if_rows', 'else', 2),
+                         ('loop', 'body', 0), ('loop', 'cond', 1), ('fan_out', 'step', 0)) AS f(kind, field, idx)
+            WHERE f.kind = w.node->>'type' AND jsonb_typeof(w.node->f.field) = 'object'
+        ) c
+    )
+    SELECT * FROM walk;
+$$;
+
+CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id text)
+RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
+               status text, result text, status_details text, inferred_status text,
+               inferred_status_from_ancestor_id text, updated_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+#variable_conflict use_column
+DECLARE
+    inst record;
+    r record;
+    st jsonb := '{}';      -- node id -> inferred status
+    kids text[];
+    k text;
+    s text;
+    pass int;
+    finished boolean;
+BEGIN
+    SELECT i.* INTO inst FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
+    WHERE i.instance_id = instance_nodes.instance_id AND i.name = 'pgdurable.graph'
+      AND pg_has_role(session_user, ro.oid, 'MEMBER');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'df.instance_nodes: instance % not found', instance_nodes.instance_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    finished := inst.status IN ('completed', 'failed', 'cancelled', 'terminated');
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.df_nodes (
+        node_id text PRIMARY KEY, parent_id text, depth int, pos int, node jsonb,
+        status text, result text, details text, at timestamptz) ON COMMIT DROP;
+    DELETE FROM pg_temp.df_nodes;
+    INSERT INTO pg_temp.df_nodes
+    SELECT g.node_id, g.parent_id, g.depth, g.pos, g.node, a.status, a.result, a.details, a.at
+    FROM df._graph_nodes(inst.input->'graph') g
+    LEFT JOIN LATERAL (
+        SELECT CASE d.event_type WHEN 'activity_completed' THEN 'completed'
+                                 WHEN 'activity_failed' THEN 'failed' ELSE 'running' END AS status,
+               coalesce(d.payload->'result', d.payload->'error')::text AS result,
+               jsonb_build_object('execution_id', h.instance_id || '::' || h.execution_id,
+                                  'task_id', h.payload->'task_id')::text AS details,
+               coalesce(d.recorded_at, h.recorded_at) AS at
+        FROM history h
+        LEFT JOIN history d ON d.instance_id = h.instance_id AND d.execution_id = h.execution_id
+             AND d.event_type IN ('activity_completed', 'activity_failed') AND d.payload->'task_id' = h.payload->'task_id'
+        WHERE h.instance_id = inst.instance_id AND h.execution_id = inst.execution_id
+          AND h.event_type = 'activity_scheduled' AND h.payload->'input'->>'node' = g.node_id
+        ORDER BY h.seq DESC LIMIT 1
+    ) a ON true;
+    FOR r IN SELECT * FROM pg_temp.df_nodes WHERE status IS NOT NULL LOOP
+        st := st || jsonb_build_object(r.node_id, r.status);
+    END LOOP;
+    FOR pass IN 1..3 LOOP  -- children before parents; a few passes settle sibling rules
+        FOR r IN SELECT * FROM pg_temp.df_nodes n WHERE n.status IS NULL ORDER BY n.depth DESC, n.pos LOOP
+            SELECT array_agg(coalesce(st->>c.node_id, 'pending') ORDER BY c.pos) INTO kids
+            FROM pg_temp.df_nodes c WHERE c.parent_id = r.node_id;
+            IF kids IS NULL THEN  -- a leaf without its own record: done once its successors started
+                s := CASE WHEN EXISTS (SELECT 1 FROM pg_temp.df_nodes sib
+                                       JOIN pg_temp.df_nodes p ON p.node_id = sib.parent_id
+                                       WHERE sib.parent_id = r.parent_id AND sib.pos > r.pos
+                                         AND p.node->>'type' = 'seq'
+                                         AND coalesce(st->>sib.node_id, 'pending') <> 'pending')
+                          THEN 'completed' ELSE 'pending' END;
+            ELSIF r.node->>'type' = 'seq' THEN
+                s := CASE WHEN 'failed' = ANY (kids) THEN 'failed'
+                          WHEN kids[cardinality(kids)] = 'completed' THEN 'completed'
+                          WHEN kids <> array_fill('pending'::text, ARRAY[cardinality(kids)]) THEN 'running'
+                          ELSE 'pending' END;
+            ELSIF r.node->>'type' = 'join' THEN
+                s := CASE WHEN 'failed' = ANY (kids) THEN 'failed'
+                          WHEN kids = array_fill('completed'::text, ARRAY[cardinality(kids)]) THEN 'completed'
+                          WHEN 'running' = ANY (kids) OR 'completed' = ANY (kids) THEN 'running'
+                          ELSE 'pending' END;
+            ELSE  -- race, if, if_rows, bind, loop, fan_out
+                s := CASE WHEN r.node->>'type' IN ('race', 'bind', 'fan_out') AND 'completed' = ANY (kids) THEN 'completed'
+                          WHEN r.node->>'type' IN ('if', 'if_rows') AND kids[1] = 'completed'
+                               AND 'completed' = ANY (kids[2:]) THEN 'completed'
+                          WHEN 'failed' = ANY (kids) THEN 'failed'
+                          WHEN 'running' = ANY (kids) OR 'completed' = ANY (kids) THEN 'running'
+                          ELSE 'pending' END;
+            END IF;
+            st := st || jsonb_build_object(r.node_id, s);
+        END LOOP;
+    END LOOP;
+    IF inst.status = 'completed' THEN
+        st := st || jsonb_build_object('n0', 'completed');
+    END IF;
+    FOR r IN SELECT * FROM pg_temp.df_nodes ORDER BY node_id LOOP
+        node_id := r.node_id;
+        node_type := upper(r.node->>'type');
+        query := CASE WHEN r.node->>'type' = 'sql' THEN r.node->>'query'
+                      ELSE (r.node - ARRAY['steps', 'branches', 'node', 'cond', 'then', 'else', 'body', 'step'])::text END;
+        result_name := CASE WHEN r.node->>'type' = 'bind' THEN r.node->>'name' END;
+        SELECT min(c.node_id) FILTER (WHERE c.pos = 0), min(c.node_id) FILTER (WHERE c.pos = 1)
+            INTO left_node, right_node FROM pg_temp.df_nodes c WHERE c.parent_id = r.node_id;
+        status := coalesce(r.status, CASE WHEN st->>r.node_id = 'running' AND finished THEN 'failed'
+                                          ELSE st->>r.node_id END);
+        result := r.result;
+        status_details := r.details;
+        inferred_status := st->>r.node_id;
+        inferred_status_from_ancestor_id := NULL;
+        IF finished AND inferred_status IN ('pending', 'running') THEN
+            inferred_status := 'skipped';
+            inferred_status_from_ancestor_id := r.parent_id;
+        END IF;
+        updated_at := coalesce(r.at, inst.updated_at);
+        RETURN NEXT;
+    END LOOP;
+    DELETE FROM pg_temp.df_nodes;
+END $$;
+
+-- Every node of every visible instance (computed per instance by df.instance_nodes).
+CREATE OR REPLACE VIEW df.nodes AS
+SELECT i.id AS instance_id, n.node_id AS id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
+       n.status, n.result, n.status_details, n.inferred_status, i.submitted_by, n.updated_at
+FROM df.instances i
+CROSS JOIN LATERAL df.instance_nodes(i.id) n;
+
+-- ---------------------------------------------------------------------------------------
+-- Privileges.  Nothing in `df` is usable without USAGE on the schema, which
+-- df.grant_usage gives.  df.http needs include_http; the worker's login role must be a
+-- member of each submitting role (GRANT app_role TO worker_role) to run its SQL as it.
+REVOKE ALL ON SCHEMA df FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION df.grant_usage(role_name text, include_http boolean DEFAULT false,
+                                          with_grant boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    opt text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
+    fn record;
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA df TO %I%s', role_name, opt);
+    FOR fn IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
+        CONTINUE WHEN fn.proname = 'http' AND NOT include_http;
+        CONTINUE WHEN fn.proname IN ('grant_usage', 'revoke_usage', 'metrics') AND NOT with_grant;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I%s', fn.sig, role_name, opt);
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON df.instances, df.nodes TO %I%s', role_name, opt);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %I%s', role_name, opt);
+END $$;
+
+CREATE OR REPLACE FUNCTION df.revoke_usage(role_name text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    fn record;
+BEGIN
+    FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', fn.sig, role_name);
+    END LOOP;
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars FROM %I', role_name);
+    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %I', role_name);
+END $$;
+
+REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text),
+    df.http(text, text, text, jsonb, integer) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------
+-- More monitoring: one instance, a paginated listing, system-wide counts, a text explain.
+CREATE OR REPLACE FUNCTION df.instance_info(instance_id text)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, submitted_by text,
+               execution_count integer, created_at timestamptz, completed_at timestamptz, output jsonb, error jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT i.id, i.label, i.function_name, i.status, i.submitted_by, i.execution_count, i.created_at,
+           i.completed_at, i.output, i.error
+    FROM df.instances i WHERE i.id = instance_info.instance_id;
+$$;
+
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
+                                             after_cursor text DEFAULT NULL)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count integer,
+               output jsonb, created_at timestamptz, completed_at timestamptz, next_cursor text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    after_at timestamptz;
+    after_id text;
+BEGIN
+    IF limit_count IS NULL OR limit_count < 1 THEN
+        RAISE EXCEPTION 'df.list_instances: limit_count must be >= 1';
+    END IF;
+    IF after_cursor IS NOT NULL THEN
+        BEGIN
+            after_at := split_part(convert_from(decode(after_cursor, 'hex'), 'UTF8'), '|', 1)::timestamptz;
+            after_id := split_part(convert_from(decode(after_cursor, 'hex'), 'UTF8'), '|', 2);
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION 'df.list_instances: malformed after_cursor';
+        END;
+    END IF;
+    RETURN QUERY
+    WITH page AS (
+        SELECT i.* FROM df.instances i
+        WHERE (status_filter IS NULL OR i.status = status_filter)
+          AND (label_filter IS NULL OR i.label = label_filter)
+          AND (after_at IS NULL OR i.created_at < after_at OR (i.created_at = after_at AND i.id > after_id))
+        ORDER BY i.created_at DESC, i.id
+        LIMIT limit_count + 1
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.created_at DESC, p.id) AS n, count(*) OVER () AS total FROM page p
+    )
+    SELECT x.id, x.label, x.function_name, x.status, x.execution_count, x.output, x.created_at, x.completed_at,
+           (SELECT CASE WHEN x.total > limit_count
+                        THEN encode(convert_to(l.created_at::text || '|' || l.id, 'UTF8'), 'hex') END
+            FROM numbered l WHERE l.n = limit_count)
+    FROM numbered x WHERE x.n <= limit_count
+    ORDER BY x.n;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.metrics() RETURNS TABLE (status text, instances bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT i.status, count(*) FROM instances i
+    WHERE i.name = 'pgdurable.graph' AND i.parent_instance_id IS NULL
+    GROUP BY i.status ORDER BY i.status;
+$$;
+REVOKE EXECUTE ON FUNCTION df.metrics() FROM PUBLIC;
+
+-- An indented outline of a graph (a node expression) or of an instance (an id), with states.
+CREATE OR REPLACE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    out text := '';
+    r record;
+BEGIN
+    IF input ~ '^[0-9a-f]{8}$' AND df.status(input) IS NOT NULL THEN
+        FOR r IN SELECT * FROM df.instance_nodes(input) LOOP
+            out := out || repeat('  ', length(r.node_id) - length(replace(r.node_id, '.', ''))) || r.node_type
+                || coalesce(' ' || left(regexp_replace(r.query, '\s+', ' ', 'g'), 60), '')
+                || '  [' || r.inferred_status || ']' || E'\n';
+        END LOOP;
+        RETURN out;
+    END IF;
+    FOR r IN SELECT * FROM df._graph_nodes(df._node(input)) g ORDER BY g.node_id LOOP
+        out := out || repeat('  ', r.depth) || upper(r.node->>'type')
+            || coalesce(' ' || left(regexp_replace(r.node->>'query', '\s+', ' ', 'g'), 60), '')
+            || coalesce(' as ' || CASE WHEN r.node->>'type' = 'bind' THEN r.node->>'name' END, '') || E'\n';
+    END LOOP;
+    RETURN out;
+END $$;
