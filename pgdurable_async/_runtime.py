@@ -220,7 +220,7 @@ class Runtime:
                         await lost.wait()
                     if lost.is_set():
                         break
-                    await conn.execute("SELECT 1")  # the session is alive
+                    await conn.execute(q("register_worker"), self.worker_id)  # alive: heartbeat, re-register
                     await self._sweep()
             except anyio.get_cancelled_exc_class():
                 raise

@@ -98,19 +98,30 @@ class TurnProcessor:
         if not self.names:
             return 0
         try:
-            return await self.db.run(self._batch)
+            return await self._committed(None)
         except Exception as exc:  # noqa: BLE001 - isolate whatever broke the batch
             if _transient(exc):
                 raise
             log.warning("a turn batch failed (%s); retrying its instances one by one", exc)
             return await self._one_by_one()
 
+    async def _committed(self, only: str | None) -> int:
+        """Run one batch transaction; cache its executions only once it has committed."""
+        runs: dict[str, Execution] = {}
+        try:
+            count = await self.db.run(functools.partial(self._batch, only=only, runs=runs))
+        except BaseException:
+            self._discard(runs)
+            raise
+        self._remember(runs)
+        return count
+
     async def _one_by_one(self) -> int:
         ids = await self.db.run(self._claimable, transaction=False)
         done = 0
         for instance_id in ids:
             try:
-                done += await self.db.run(functools.partial(self._batch, only=instance_id))
+                done += await self._committed(instance_id)
                 continue
             except Exception as exc:  # noqa: BLE001
                 if _transient(exc):
@@ -156,7 +167,8 @@ class TurnProcessor:
         await self._write(conn, w)
 
     # -- one batch -------------------------------------------------------------
-    async def _batch(self, conn: asyncpg.Connection[Any], only: str | None = None) -> int:
+    async def _batch(self, conn: asyncpg.Connection[Any], only: str | None, runs: dict[str, Execution]) -> int:
+        self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
         if only is None:
             rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4,
                                     self._excluded())
@@ -171,7 +183,6 @@ class TurnProcessor:
 
         now = datetime.now(UTC)
         w = _Writes()
-        runs: dict[str, Execution] = {}
         live: list[tuple[asyncpg.Record, list[asyncpg.Record]]] = []
         for row in rows:
             msgs = inbox.get(row["instance_id"], [])
@@ -189,16 +200,9 @@ class TurnProcessor:
             messages = [(m["kind"], m["payload"] or {}) for m in current]
             new_events = execution.advance(messages, now)
             self._plan(row, execution, base, new_events, w)
-        try:
-            await self._check_names(conn, w)
-            await self._write(conn, w)
-        except BaseException:
-            for instance_id, execution in runs.items():
-                self._forget(instance_id)
-                execution.close()
-            raise
+        await self._check_names(conn, w)
+        await self._write(conn, w)
         self.stats["turns"] += len(live)
-        self._remember(runs)
         return len(rows)
 
     async def _load(
@@ -207,7 +211,8 @@ class TurnProcessor:
         """Executions for ``rows``: from the cache when current, else by replaying history."""
         cold: list[asyncpg.Record] = []
         for row in rows:
-            cached = self._cache.get(row["instance_id"])
+            # Taken out of the cache for the turn: put back only after the commit.
+            cached = self._cache.pop(row["instance_id"], None)
             if (
                 cached is not None
                 and cached.execution_id == row["execution_id"]
@@ -217,7 +222,8 @@ class TurnProcessor:
                 runs[row["instance_id"]] = cached
                 self.stats["cache_hits"] += 1
             else:
-                self._forget(row["instance_id"])  # stale: another worker advanced it
+                if cached is not None:
+                    cached.close()  # stale: another worker advanced it
                 runs[row["instance_id"]] = self._new_execution(row)
                 if row["history_len"] > 0:
                     cold.append(row)
@@ -254,6 +260,13 @@ class TurnProcessor:
         while len(self._cache) > self.cache_size:
             _, evicted = self._cache.popitem(last=False)
             evicted.close()
+
+    @staticmethod
+    def _discard(runs: dict[str, Execution]) -> None:
+        """Close executions whose turn did not commit (their state ran ahead of the database)."""
+        for execution in runs.values():
+            execution.close()
+        runs.clear()
 
     def _forget(self, instance_id: str) -> None:
         """Drop a cached execution (closing its coroutines)."""

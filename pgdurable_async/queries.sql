@@ -206,13 +206,19 @@ SET backend_pid = excluded.backend_pid, backend_start = excluded.backend_start, 
 DELETE FROM workers WHERE worker_id = $1;
 
 -- name: release_dead_leases
--- Workers whose LISTEN session is gone have died: their leases expire now.
-WITH dead AS (
-    DELETE FROM workers w
+-- Workers whose LISTEN session is gone have died: their leases expire now.  A row is
+-- deleted only if it still names the session seen dead (a worker that re-registered
+-- meanwhile keeps its new row: READ COMMITTED re-checks the row, not the anti-join).
+WITH seen_dead AS (
+    SELECT w.worker_id, w.backend_pid, w.backend_start FROM workers w
     WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                       WHERE a.pid = w.backend_pid
                         AND a.backend_start IS NOT DISTINCT FROM w.backend_start)
-    RETURNING worker_id
+), dead AS (
+    DELETE FROM workers w USING seen_dead d
+    WHERE w.worker_id = d.worker_id AND w.backend_pid = d.backend_pid
+      AND w.backend_start IS NOT DISTINCT FROM d.backend_start
+    RETURNING w.worker_id
 )
 UPDATE work_queue SET visible_at = now()
 WHERE id IN (SELECT id FROM work_queue

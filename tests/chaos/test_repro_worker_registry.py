@@ -1,4 +1,4 @@
-"""Reproduction (found by the chaos run): a sweep deletes a live worker's fresh registration.
+"""Regression (found by the chaos run): a sweep must not delete a live worker's fresh registration.
 
 ``release_dead_leases`` deletes ``workers`` rows whose backend is not in
 ``pg_stat_activity``.  When a worker re-registers (``register_worker`` upsert)
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import anyio
 import asyncpg
-import pytest
 
 from pgdurable_async._sql import q
 
 SETTINGS = {"search_path": "pgdurable"}
 
 
-
-@pytest.mark.xfail(strict=True, reason="runtime bug: release_dead_leases deletes a live worker's new registration")
 async def test_sweep_racing_a_reregistration_keeps_the_live_worker(dsn: str) -> None:
     admin = await asyncpg.connect(dsn, server_settings=SETTINGS)
     old = await asyncpg.connect(dsn, server_settings=SETTINGS)
