@@ -122,9 +122,13 @@ class Client:
         body = encode(input, what=f"input of {name!r}", limit=self.max_payload_bytes)
         db = await self._ready()
         await self._check_registered(name)
-        created = await db.run(lambda conn: conn.fetchval(q("start_instance"), instance_id, name, body))
-        if created is None:
-            raise InstanceAlreadyExists(instance_id)
+        async def start(conn: asyncpg.Connection[Any]) -> None:
+            try:
+                await conn.fetchval(q("api_start"), instance_id, name, body)
+            except asyncpg.UniqueViolationError:
+                raise InstanceAlreadyExists(instance_id) from None
+
+        await db.run(start)
         return InstanceHandle(self, instance_id)
 
     async def _check_registered(self, name: str) -> None:
@@ -195,9 +199,10 @@ class Client:
         db = await self._ready()
 
         async def send(conn: asyncpg.Connection[Any]) -> None:
-            if await conn.fetchval(q("send_message"), instance_id, kind, body) is None:
-                if await conn.fetchval(q("instance_exists"), instance_id) is None:
-                    raise InstanceNotFound(instance_id)
+            try:
+                await conn.execute(q("api_send"), instance_id, kind, body)
+            except asyncpg.NoDataFoundError:
+                raise InstanceNotFound(instance_id) from None
 
         await db.run(send)
 

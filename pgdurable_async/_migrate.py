@@ -59,6 +59,8 @@ async def migrate(dsn: str, schema: str = "pgdurable") -> list[int]:
 async def migrate_connection(conn: asyncpg.Connection[Any], schema: str) -> list[int]:
     known = migrations()
     applied_now: list[int] = []
+    if await schema_version(conn) == latest_version():
+        return applied_now  # current: no DDL, no lock (a worker role may not hold CREATE)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgdurable_async:migrate:' || $1))", schema)
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')

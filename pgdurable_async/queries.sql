@@ -16,6 +16,14 @@ SELECT instance_id, 1, name, 'orchestration_started',
 FROM created
 RETURNING instance_id;
 
+-- name: api_start
+-- The SECURITY DEFINER client API (schema/0003): raises unique_violation for a taken id.
+SELECT start($2, $3::text::jsonb, $1);
+
+-- name: api_send
+-- An event or cancel for a live instance (a finished one ignores it); no_data_found if unknown.
+SELECT send($1, $2, $3::text::jsonb);
+
 -- name: claim_instances
 -- Lock up to $2 instances that have pending messages and that this runtime can run.
 SELECT i.instance_id, i.name, i.status, i.execution_id, i.history_len,
@@ -245,14 +253,6 @@ FROM history
 WHERE instance_id = $1
   AND execution_id = COALESCE($2, (SELECT execution_id FROM instances WHERE instance_id = $1))
 ORDER BY seq;
-
--- name: send_message
--- An event or cancel request for a live instance; no row back: unknown or finished.
-INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
-SELECT instance_id, NULL, name, $2, $3::text::jsonb
-FROM instances
-WHERE instance_id = $1 AND status IN ('pending', 'running')
-RETURNING id;
 
 -- name: instance_exists
 SELECT status FROM instances WHERE instance_id = $1;
