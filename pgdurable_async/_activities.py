@@ -9,6 +9,7 @@ and ack inside it: their SQL and their completion commit together.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import uuid
@@ -81,7 +82,8 @@ class ActivityWorker:
         self.lease_seconds = lease_seconds
         self.claim_batch = claim_batch
         self.max_payload_bytes = max_payload_bytes
-        self.inflight: dict[int, WorkItem] = {}
+        self.inflight: dict[int, WorkItem] = {}  # leased and not yet acked (leases are extended)
+        self.running = 0  # claimed and still executing: what max_concurrency bounds
         self.acks_pending = Wakeup()
         self.acked = Wakeup()  # set after each ack batch commits (results are now messages)
         self.capacity = Wakeup()
@@ -90,7 +92,10 @@ class ActivityWorker:
 
     @property
     def free(self) -> int:
-        return self.max_concurrency - len(self.inflight)
+        """Slots for new claims; none while too many finished items wait for their ack."""
+        if len(self._outcomes) >= 4 * self.max_concurrency:
+            return 0
+        return self.max_concurrency - self.running
 
     # -- claiming ---------------------------------------------------------------
     async def claim(self) -> list[WorkItem]:
@@ -105,6 +110,7 @@ class ActivityWorker:
         items = [self._item(r) for r in rows]
         for item in items:
             self.inflight[item.id] = item
+        self.running += len(items)
         return items
 
     def _item(self, r: asyncpg.Record) -> WorkItem:
@@ -122,21 +128,38 @@ class ActivityWorker:
         return max(0.0, (due - datetime.now(UTC)).total_seconds())
 
     # -- running ----------------------------------------------------------------
+    async def execute_batch(self, items: list[WorkItem]) -> None:
+        """Run claimed items concurrently: one runtime task per batch, not per item."""
+        await asyncio.gather(*(self.execute(item) for item in items))
+
     async def execute(self, item: WorkItem) -> None:
         """Run one claimed item to an outcome; never raises."""
+        try:
+            await self._execute(item)
+        finally:
+            self.running -= 1
+            self._freed()
+
+    async def _execute(self, item: WorkItem) -> None:
         definition = self.app.activities[item.name]
         try:
-            with anyio.fail_after(definition.timeout):
-                if definition.transactional:
-                    await self._execute_transactional(definition, item)
-                else:
-                    ctx = ActivityContext(item.instance_id, item.activity_id, item.name, item.attempt)
-                    result = await definition.fn(ctx, item.input)
-                    self._finish(self._success(item, result))
+            if definition.timeout is None:  # a cancel scope per call is not free: only when needed
+                await self._attempt(definition, item)
+            else:
+                with anyio.fail_after(definition.timeout):
+                    await self._attempt(definition, item)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # noqa: BLE001 - the activity's failure is data
             self._finish(self._failure(definition, item, exc))
+
+    async def _attempt(self, definition: ActivityDef, item: WorkItem) -> None:
+        if definition.transactional:
+            await self._execute_transactional(definition, item)
+        else:
+            ctx = ActivityContext(item.instance_id, item.activity_id, item.name, item.attempt)
+            result = await definition.fn(ctx, item.input)
+            self._finish(self._success(item, result))
 
     async def _execute_transactional(self, definition: ActivityDef, item: WorkItem) -> None:
         async def work(conn: asyncpg.Connection[Any]) -> None:
@@ -161,7 +184,6 @@ class ActivityWorker:
         self.inflight.pop(item.id, None)
         self.stats["completed"] += 1
         self.acked.set()
-        self._freed()
 
     def _success(self, item: WorkItem, result: Any) -> Outcome:
         try:
@@ -184,7 +206,7 @@ class ActivityWorker:
         self.acks_pending.set()
 
     def _freed(self) -> None:
-        if self.free >= max(1, self.max_concurrency // 4) or not self.inflight:
+        if self.free >= max(1, self.max_concurrency // 4) or not self.running:
             self.capacity.set()
 
     # -- acking -----------------------------------------------------------------
@@ -213,8 +235,8 @@ class ActivityWorker:
                     [o.delay for o in retries],
                 )
 
-        try:
-            await self.db.run(write, retry_for=math.inf)
+        try:  # one statement needs no explicit transaction (it is atomic on its own)
+            await self.db.run(write, retry_for=math.inf, transaction=bool(retries))
         except BaseException:
             self._outcomes[:0] = batch  # keep them for the next flush
             raise

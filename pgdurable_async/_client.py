@@ -128,7 +128,7 @@ class Client:
             except asyncpg.UniqueViolationError:
                 raise InstanceAlreadyExists(instance_id) from None
 
-        await db.run(start)
+        await db.run(start, transaction=False)  # one statement: atomic on its own
         return InstanceHandle(self, instance_id)
 
     async def _check_registered(self, name: str) -> None:

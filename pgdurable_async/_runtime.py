@@ -275,8 +275,7 @@ class Runtime:
                     progressed = await self.turns.run_batch()
 
             if not await self._guarded("turn", step) or progressed:
-                self._work.set()
-                self._timer.set()
+                self._work.set()  # new timers wake the timer loop through their own NOTIFY
                 continue
             await self._orch.wait(seen)
 
@@ -287,12 +286,12 @@ class Runtime:
             async with anyio.create_task_group() as running:
                 while not self.stopping:
                     seen_work, seen_cap = self._work.generation, worker.capacity.generation
-                    if worker.free < threshold and worker.inflight:
+                    if worker.free < threshold and worker.running:
                         await worker.capacity.wait(seen_cap)  # claim in batches, not one by one
                         continue
                     claimed, wait_for = await self._claim_step()
-                    for item in claimed:
-                        running.start_soon(worker.execute, item)
+                    if claimed:
+                        running.start_soon(worker.execute_batch, claimed)
                     if wait_for == 0.0:
                         continue  # claimed a full batch: there may be more
                     await self._work.wait(seen_work, _deadline(wait_for))
@@ -309,7 +308,7 @@ class Runtime:
         async def step() -> None:
             nonlocal claimed, due
             claimed = await worker.claim()
-            if len(claimed) < wanted:
+            if not claimed:  # after a partial claim, new work announces itself with a NOTIFY
                 due = await worker.next_due()
 
         if not await self._guarded("activity claim", step):
@@ -320,7 +319,7 @@ class Runtime:
             # Rows are due but were not ours to claim: another worker is claiming them, or a
             # long transactional activity holds them. Look again, backing off while it lasts.
             self._blocked_polls += 1
-            return claimed, min(0.05 * 2**self._blocked_polls, self.lease_seconds)
+            return claimed, min(0.05 * 2**self._blocked_polls, max(self.lease_seconds, 5.0))
         self._blocked_polls = 0
         return claimed, due
 
