@@ -14,8 +14,9 @@ for the engine, one for the floor; both dropped afterwards), and measures:
 and the same database work without the engine (the *floor*): the same statements
 from ``queries.sql`` (start, claim instances, fetch messages, append history,
 enqueue work, claim work, ack work, update instances, delete messages), with the
-same batch sizes and the same number of concurrent turn / claim / ack sessions,
-driven by a few lines of asyncpg code instead of the replay engine.  The ratio
+same batch sizes and the same number of concurrent turn / claim / ack / start
+sessions (each on its own asyncpg connection), driven by a few lines of Python
+that know the workload's shape instead of by the replay engine.  The ratio
 engine/floor is what survives a noisy machine.
 """
 
@@ -30,7 +31,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -121,6 +122,12 @@ def _percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(0, math.ceil(pct / 100 * len(ordered)) - 1)
     return ordered[rank]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): the Python side of whatever ran."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mb() -> float:
@@ -236,26 +243,27 @@ async def _engine_fanout(runtime: Runtime, dsn: str, n: int) -> dict[str, Any]:
     instance_id = f"fanout-{uuid.uuid4().hex[:8]}"
     async with _DoneWatcher(dsn) as done:
         done.expect([instance_id])
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         await runtime.client.start(FANOUT, n, instance_id=instance_id)
         await done.wait(_timeout_for(n))
-        elapsed = done.finished[instance_id] - t0
-    output = await runtime.client.wait(instance_id, timeout=30)
+        elapsed, cpu = done.finished[instance_id] - t0, _cpu_seconds() - cpu0
     stats = {k: v - before[k] for k, v in runtime.turns.stats.items()}
     conn = await _connect(dsn)
     try:
         events = await _event_counts(conn, instance_id)
+        output = await conn.fetchval("SELECT output::text FROM instances WHERE instance_id = $1", instance_id)
     finally:
         await conn.close()
     return {
         "fanout_seconds": elapsed,
         "fanout_activities_per_s": n / elapsed,
+        "fanout_cpu_us_per_activity": 1e6 * cpu / n,
         "rss_before_mb": rss_before,
         "peak_rss_mb": _peak_rss_mb(),
         "fanout_turns": stats["turns"],
         "fanout_replays": stats["replays"],
         "fanout_cache_hits": stats["cache_hits"],
-        "fanout_ok": output == n
+        "fanout_ok": output == str(n)
         and events.get("activity_scheduled") == n
         and events.get("activity_completed") == n
         and events.get("orchestration_completed") == 1,
@@ -263,18 +271,20 @@ async def _engine_fanout(runtime: Runtime, dsn: str, n: int) -> dict[str, Any]:
     }
 
 
-async def _start_all(ids: Sequence[str], start: Callable[[str], Any], started: dict[str, float]) -> None:
-    """Call ``start(id)`` for every id, ``START_CONCURRENCY`` at a time, noting when each began."""
-    limiter = anyio.Semaphore(START_CONCURRENCY)
+async def _start_all(
+    ids: Sequence[str], start: Callable[[int, str], Awaitable[object]], started: dict[str, float]
+) -> None:
+    """``START_CONCURRENCY`` starters (numbered, so each may own a connection) work through ``ids``."""
+    pending = iter(ids)
 
-    async def one(instance_id: str) -> None:
-        async with limiter:
+    async def starter(index: int) -> None:
+        for instance_id in pending:
             started[instance_id] = time.perf_counter()
-            await start(instance_id)
+            await start(index, instance_id)
 
     async with anyio.create_task_group() as tg:
-        for instance_id in ids:
-            tg.start_soon(one, instance_id)
+        for index in range(START_CONCURRENCY):
+            tg.start_soon(starter, index)
 
 
 def _latency_figures(ids: Sequence[str], started: dict[str, float], finished: dict[str, float]) -> dict[str, float]:
@@ -294,14 +304,16 @@ async def _engine_workflows(runtime: Runtime, dsn: str, count: int) -> dict[str,
     ids = [f"{prefix}{i}" for i in range(count)]
     started: dict[str, float] = {}
 
-    async def start(instance_id: str) -> None:
+    async def start(_index: int, instance_id: str) -> None:
         await runtime.client.start(STEPS, 0, instance_id=instance_id)
 
     async with _DoneWatcher(dsn) as done:
         done.expect(ids)
+        cpu0 = _cpu_seconds()
         await _start_all(ids, start, started)
         await done.wait(_timeout_for(count * 3))
         figures: dict[str, Any] = _latency_figures(ids, started, done.finished)
+        figures["workflows_cpu_us_per_workflow"] = 1e6 * (_cpu_seconds() - cpu0) / count
     conn = await _connect(dsn)
     try:
         figures["workflow_statuses"] = await _statuses(conn, prefix)
@@ -319,7 +331,7 @@ async def _engine_wake(runtime: Runtime, dsn: str, probe: _Probe, samples: int) 
     latencies: list[float] = []
     prefix = f"wake-{uuid.uuid4().hex[:8]}-"
     async with _DoneWatcher(dsn) as done:
-        for i in range(samples):
+        for i in range(-1, samples):  # -1: a warm-up start (statements get prepared), not measured
             instance_id = f"{prefix}{i}"
             done.expect([instance_id])
             await runtime.client.start(WAKE, instance_id, instance_id=instance_id)
@@ -327,7 +339,8 @@ async def _engine_wake(runtime: Runtime, dsn: str, probe: _Probe, samples: int) 
             with anyio.fail_after(30):
                 while instance_id not in probe.seen:
                     await probe.signal.wait(probe.signal.generation)
-            latencies.append(probe.seen[instance_id] - returned)
+            if i >= 0:
+                latencies.append(probe.seen[instance_id] - returned)
             await done.wait(30)  # idle again before the next start
             await anyio.sleep(0.01)
     conn = await _connect(dsn)
@@ -339,7 +352,7 @@ async def _engine_wake(runtime: Runtime, dsn: str, probe: _Probe, samples: int) 
         "wake_latency_p50_ms": 1000 * _percentile(latencies, 50),
         "wake_latency_p99_ms": 1000 * _percentile(latencies, 99),
         "wake_statuses": statuses,
-        "wake_ok": statuses == {"completed": samples},
+        "wake_ok": statuses == {"completed": samples + 1},
     }
 
 
@@ -399,7 +412,6 @@ class _Floor:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
         plan: _Plan,
         *,
         orchestrations: list[str],
@@ -408,7 +420,6 @@ class _Floor:
         claim_batch: int,
         max_inflight: int,
     ) -> None:
-        self.pool = pool
         self.plan = plan
         self.orchestrations = orchestrations
         self.activities = activities
@@ -425,13 +436,16 @@ class _Floor:
         self.turns = 0
 
     async def start(self, conn: asyncpg.Connection, orchestration: str, instance_id: str, input_json: str) -> None:
+        """``client.start``'s statement (the NOTIFY a runtime would get becomes a local wake-up)."""
         await conn.fetchval(q("start_instance"), instance_id, orchestration, input_json)
         self.orch.set()
 
     async def turn_batch_once(self, conn: asyncpg.Connection) -> int:
         """One transaction: claim instances, read messages, append, enqueue, update, delete."""
         async with conn.transaction():
-            rows = await conn.fetch(q("claim_instances"), self.orchestrations, self.turn_batch, self.turn_batch * 4)
+            rows = await conn.fetch(  # $4: quarantined instances (none here)
+                q("claim_instances"), self.orchestrations, self.turn_batch, self.turn_batch * 4, []
+            )
             if not rows:
                 return 0
             inbox: dict[str, list[Any]] = defaultdict(list)
@@ -471,26 +485,28 @@ class _Floor:
             self.turns += len(updates)
             return len(rows)
 
-    async def turn_loop(self) -> None:
+    async def turn_loop(self, conn: asyncpg.Connection) -> None:
+        """Like ``Runtime._turn_loop``: batches until none is found, then wait for messages."""
         while True:
             seen = self.orch.generation
-            async with self.pool.acquire() as conn:
-                progressed = await self.turn_batch_once(conn)
+            progressed = await self.turn_batch_once(conn)
             if progressed:
                 self.work.set()
                 continue
             await self.orch.wait(seen)
 
     async def claim_once(self, conn: asyncpg.Connection, want: int) -> int:
+        """Lease up to ``want`` items and "run" them at once (the result echoes the input)."""
         rows = await conn.fetch(q("claim_work"), self.activities, want, _LEASE_SECONDS, self.owner)
         self.inflight += len(rows)
-        for r in rows:  # the "activity": echo the input
+        for r in rows:
             self.results.append((r["id"], r["lease_token"], f'{{"task_id":{r["task_id"]},"result":{r["input"]}}}'))
         if rows:
             self.acks_pending.set()
         return len(rows)
 
-    async def claim_loop(self) -> None:
+    async def claim_loop(self, conn: asyncpg.Connection) -> None:
+        """Like ``Runtime._activity_loop``: claim once a quarter of the capacity is free."""
         threshold = max(1, self.max_inflight // 4)
         while True:
             seen_work, seen_cap = self.work.generation, self.capacity.generation
@@ -499,12 +515,12 @@ class _Floor:
                 await self.capacity.wait(seen_cap)
                 continue
             want = min(free, self.claim_batch)
-            async with self.pool.acquire() as conn:
-                got = await self.claim_once(conn, want)
+            got = await self.claim_once(conn, want)
             if got < want:
                 await self.work.wait(seen_work)
 
     async def ack_once(self, conn: asyncpg.Connection) -> int:
+        """Ack every buffered result in one transaction (``ack_work``), as ``ActivityWorker.flush``."""
         batch, self.results = self.results, []
         if not batch:
             return 0
@@ -516,11 +532,11 @@ class _Floor:
         self.orch.set()
         return len(batch)
 
-    async def ack_loop(self) -> None:
+    async def ack_loop(self, conn: asyncpg.Connection) -> None:
+        """Like ``Runtime._ack_loop``."""
         while True:
             seen = self.acks_pending.generation
-            async with self.pool.acquire() as conn:
-                acked = await self.ack_once(conn)
+            acked = await self.ack_once(conn)
             if not acked:
                 await self.acks_pending.wait(seen)
 
@@ -530,34 +546,37 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _running_floor(dsn: str, floor_args: dict[str, Any], plan: _Plan, turn_loops: int) -> AsyncIterator[_Floor]:
-    pool = await asyncpg.create_pool(
-        dsn, min_size=turn_loops + 2 + START_CONCURRENCY, max_size=turn_loops + 2 + START_CONCURRENCY,
-        server_settings={"search_path": SCHEMA, "application_name": "pgdurable_bench"},
-    )
+async def _running_floor(
+    dsn: str, floor_args: dict[str, Any], plan: _Plan, turn_loops: int
+) -> AsyncIterator[tuple[_Floor, list[asyncpg.Connection]]]:
+    """The floor's loops running, each on its own connection; yields it and ``START_CONCURRENCY`` spare ones."""
+    conns: list[asyncpg.Connection] = []
     try:
-        floor = _Floor(pool, plan, **floor_args)
+        for _ in range(turn_loops + 2 + START_CONCURRENCY):
+            conns.append(await _connect(dsn))
+        floor = _Floor(plan, **floor_args)
         async with anyio.create_task_group() as tg:
-            for _ in range(turn_loops):
-                tg.start_soon(floor.turn_loop)
-            tg.start_soon(floor.claim_loop)
-            tg.start_soon(floor.ack_loop)
-            yield floor
+            for conn in conns[:turn_loops]:
+                tg.start_soon(floor.turn_loop, conn)
+            tg.start_soon(floor.claim_loop, conns[turn_loops])
+            tg.start_soon(floor.ack_loop, conns[turn_loops + 1])
+            yield floor, conns[turn_loops + 2:]
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await pool.close()
+            for conn in conns:
+                await conn.close()
 
 
 async def _floor_fanout(dsn: str, n: int, floor_args: dict[str, Any], turn_loops: int) -> dict[str, Any]:
     instance_id = f"fanout-{uuid.uuid4().hex[:8]}"
-    async with _DoneWatcher(dsn) as done, _running_floor(dsn, floor_args, _fanout_plan(n), turn_loops) as floor:
+    async with _DoneWatcher(dsn) as done, _running_floor(dsn, floor_args, _fanout_plan(n), turn_loops) as running:
+        floor, spare = running
         done.expect([instance_id])
-        t0 = time.perf_counter()
-        async with floor.pool.acquire() as conn:
-            await floor.start(conn, FANOUT, instance_id, str(n))
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        await floor.start(spare[0], FANOUT, instance_id, str(n))
         await done.wait(_timeout_for(n))
-        elapsed = done.finished[instance_id] - t0
+        elapsed, cpu = done.finished[instance_id] - t0, _cpu_seconds() - cpu0
     conn = await _connect(dsn)
     try:
         events = await _event_counts(conn, instance_id)
@@ -566,6 +585,7 @@ async def _floor_fanout(dsn: str, n: int, floor_args: dict[str, Any], turn_loops
     return {
         "fanout_seconds": elapsed,
         "fanout_activities_per_s": n / elapsed,
+        "fanout_cpu_us_per_activity": 1e6 * cpu / n,
         "fanout_turns": floor.turns,
         "fanout_ok": events.get("activity_completed") == n,
     }
@@ -575,16 +595,18 @@ async def _floor_workflows(dsn: str, count: int, floor_args: dict[str, Any], tur
     prefix = f"wf-{uuid.uuid4().hex[:8]}-"
     ids = [f"{prefix}{i}" for i in range(count)]
     started: dict[str, float] = {}
-    async with _DoneWatcher(dsn) as done, _running_floor(dsn, floor_args, _sequence_plan, turn_loops) as floor:
+    async with _DoneWatcher(dsn) as done, _running_floor(dsn, floor_args, _sequence_plan, turn_loops) as running:
+        floor, spare = running
 
-        async def start(instance_id: str) -> None:
-            async with floor.pool.acquire() as conn:
-                await floor.start(conn, STEPS, instance_id, "0")
+        async def start(index: int, instance_id: str) -> None:
+            await floor.start(spare[index], STEPS, instance_id, "0")
 
         done.expect(ids)
+        cpu0 = _cpu_seconds()
         await _start_all(ids, start, started)
         await done.wait(_timeout_for(count * 3))
         figures: dict[str, Any] = _latency_figures(ids, started, done.finished)
+        figures["workflows_cpu_us_per_workflow"] = 1e6 * (_cpu_seconds() - cpu0) / count
     conn = await _connect(dsn)
     try:
         statuses = await _statuses(conn, prefix)
@@ -604,8 +626,8 @@ async def _floor_wake(dsn: str, samples: int, floor_args: dict[str, Any]) -> dic
     try:
         await listener.add_listener(f"{SCHEMA}_orch", lambda *_: orch.set())
         await listener.add_listener(f"{SCHEMA}_work", lambda *_: work.set())
-        floor = _Floor(worker, _sequence_plan, **floor_args)  # its pool is unused: we drive it by hand
-        for i in range(samples):
+        floor = _Floor(_sequence_plan, **floor_args)  # driven by hand, not by its loops
+        for i in range(-1, samples):  # -1: a warm-up start, not measured
             instance_id = f"{prefix}{i}"
             seen_orch, seen_work = orch.generation, work.generation
             await starter.fetchval(q("start_instance"), instance_id, WAKE, f'"{instance_id}"')
@@ -616,7 +638,8 @@ async def _floor_wake(dsn: str, samples: int, floor_args: dict[str, Any]) -> dic
                 await work.wait(seen_work)
                 if not await floor.claim_once(worker, floor.claim_batch):
                     raise RuntimeError("floor: a work NOTIFY arrived but nothing could be claimed")
-            latencies.append(time.perf_counter() - returned)
+            if i >= 0:
+                latencies.append(time.perf_counter() - returned)
             await floor.ack_once(worker)
             await floor.turn_batch_once(worker)  # complete the instance
             await anyio.sleep(0.01)
@@ -627,7 +650,7 @@ async def _floor_wake(dsn: str, samples: int, floor_args: dict[str, Any]) -> dic
     return {
         "wake_latency_p50_ms": 1000 * _percentile(latencies, 50),
         "wake_latency_p99_ms": 1000 * _percentile(latencies, 99),
-        "wake_ok": statuses == {"completed": samples},
+        "wake_ok": statuses == {"completed": samples + 1},
     }
 
 
@@ -637,9 +660,11 @@ _ROWS: list[tuple[str, str, str, bool]] = [
     # key, label, format, compared with the floor
     ("fanout_activities_per_s", "fan-out throughput (activities/s)", "{:,.0f}", True),
     ("fanout_seconds", "fan-out wall time (s)", "{:.2f}", True),
+    ("fanout_cpu_us_per_activity", "fan-out Python CPU per activity (us)", "{:,.0f}", True),
     ("workflows_per_s", "3-step workflows (workflows/s)", "{:,.0f}", True),
     ("workflow_latency_p50_ms", "workflow start->done p50 (ms)", "{:,.1f}", True),
     ("workflow_latency_p99_ms", "workflow start->done p99 (ms)", "{:,.1f}", True),
+    ("workflows_cpu_us_per_workflow", "Python CPU per workflow (us)", "{:,.0f}", True),
     ("wake_latency_p50_ms", "wake start->activity p50 (ms)", "{:.2f}", True),
     ("wake_latency_p99_ms", "wake start->activity p99 (ms)", "{:.2f}", True),
     ("fanout_turns", "fan-out turns", "{:,}", False),
