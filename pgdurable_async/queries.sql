@@ -119,12 +119,17 @@ WITH work AS (DELETE FROM work_queue WHERE instance_id = ANY($1::text[]))
 DELETE FROM timers WHERE instance_id = ANY($1::text[]);
 
 -- name: claim_work
+-- Oldest visible items first, per activity name, along the (name, id) index.
 WITH picked AS (
-    SELECT id FROM work_queue
-    WHERE name = ANY($1::text[]) AND visible_at <= now()
-    ORDER BY visible_at
+    SELECT w.id FROM unnest($1::text[]) AS n(name)
+    CROSS JOIN LATERAL (
+        SELECT id FROM work_queue
+        WHERE name = n.name AND visible_at <= now()
+        ORDER BY id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS w
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE work_queue w
 SET visible_at = now() + make_interval(secs => $3),
