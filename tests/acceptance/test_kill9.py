@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+import itertools
 from pathlib import Path
 
 import anyio
@@ -13,42 +10,20 @@ import asyncpg
 import pytest
 
 import pgdurable_async as pgd
+from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Worker:
-    """``python -m pgdurable_async worker`` in a child process, logging to a file."""
+_worker_numbers = itertools.count(1)
 
-    count = 0
 
-    def __init__(self, dsn: str, markers: Path) -> None:
-        env = {**os.environ, "PGDURABLE_TEST_MARKERS": str(markers), "PYTHONPATH": str(ROOT)}
-        Worker.count += 1
-        self.log_path = markers.parent / f"worker-{Worker.count}.log"
-        self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgdurable_async", "worker", "--app", "tests.acceptance.crash_app:app",
-             "--dsn", dsn, "--concurrency", "8"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.log.close()
-
-    def stop(self) -> int:
-        """SIGTERM (graceful drain); returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
-        return self.proc.returncode
+def Worker(dsn: str, markers: Path) -> WorkerProcess:  # noqa: N802 - reads as a class
+    """A crash-app worker; its log goes next to the markers directory."""
+    log = markers.parent / f"worker-{next(_worker_numbers)}.log"
+    return WorkerProcess(dsn, "tests.acceptance.crash_app:app", log, "--concurrency", "8",
+                         env={"PGDURABLE_TEST_MARKERS": str(markers)})
 
 
 async def _prepare(dsn: str) -> None:
@@ -115,7 +90,7 @@ async def test_sigkill_mid_activity(dsn: str, tmp_path: Path) -> None:
             pids = {p.name.rsplit(".", 1)[1] for p in markers.iterdir()}
             assert len(pids - first_pids) >= 1, "the second worker re-ran the interrupted activities"
     finally:
-        worker.stop()
+        await worker.stop()
     await _check_invariants(dsn, "mid-activity", 6)
 
 
@@ -139,7 +114,7 @@ async def test_sigkill_mid_turn(dsn: str, tmp_path: Path) -> None:
                 await conn.close()
             assert await handle.result(timeout=120) == sum(range(1, 6)) + 5 * (sum(i * i for i in range(3_000_000)) % 7)
     finally:
-        worker.stop()
+        await worker.stop()
     await _check_invariants(dsn, "mid-turn", 5)
 
 

@@ -7,10 +7,6 @@ thawed (SIGCONT) its late result must be ignored, never applied a second time.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,55 +19,15 @@ import orjson
 import pytest
 
 import pgdurable_async as pgd
+from tests.workers import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.acceptance.race_app:app"
 
 
-class Worker:
-    """A worker process logging to a file; :meth:`close` always reaps it."""
-
-    def __init__(self, dsn: str, tmp: Path, name: str, *extra: str) -> None:
-        self.log_path = tmp / f"{name}.log"
-        env = {**os.environ, "PGDURABLE_RACE_MARKERS": str(tmp / "markers"), "PYTHONPATH": str(ROOT)}
-        env.pop("PGDURABLE_DSN", None)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgdurable_async", "worker", "--app", APP, "--dsn", dsn, *extra],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def ready(self, timeout: float = 60) -> None:
-        with anyio.fail_after(timeout):
-            while " ready: " not in self.log():
-                assert self.proc.poll() is None, f"worker exited early:\n{self.log()}"
-                await anyio.sleep(0.05)
-
-    def freeze(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    async def stop(self, timeout: float = 40) -> int:
-        """SIGTERM (graceful drain, which flushes pending acks); returns the exit code."""
-        if self.proc.poll() is None:
-            self.thaw()
-            self.proc.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(timeout):
-                while self.proc.poll() is None:
-                    await anyio.sleep(0.05)
-        return self.close()
-
-    def close(self) -> int:
-        if self.proc.poll() is None:
-            self.thaw()
-            self.proc.kill()
-        return self.proc.wait(timeout=10)
+def Worker(dsn: str, tmp: Path, name: str, *extra: str) -> WorkerProcess:  # noqa: N802 - reads as a class
+    """A race-app worker logging to ``tmp/name.log``."""
+    return WorkerProcess(dsn, APP, tmp / f"{name}.log", *extra, env={"PGDURABLE_RACE_MARKERS": str(tmp / "markers")})
 
 
 @contextmanager

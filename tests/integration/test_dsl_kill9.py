@@ -7,10 +7,6 @@ updates, and each count must be exactly one.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -19,6 +15,7 @@ import orjson
 import pytest
 
 import pgdurable_async as pgd
+from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,27 +28,8 @@ GRAPH = " ~> ".join(STEP.format(i=i) for i in range(1, 4)) + " ~> (" + " & ".joi
     STEP.format(i=i) for i in range(4, 6)) + ") ~> " + " ~> ".join(STEP.format(i=i) for i in range(6, STEPS + 1))
 
 
-class Worker:
-    def __init__(self, dsn: str, log: Path) -> None:
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgdurable_async", "worker", "--app", "tests.integration.test_dsl_kill9:app",
-             "--dsn", dsn, "--concurrency", "8"],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+def Worker(dsn: str, log: Path) -> WorkerProcess:  # noqa: N802 - reads as a class
+    return WorkerProcess(dsn, "tests.integration.test_dsl_kill9:app", log, "--concurrency", "8")
 
 
 async def test_sigkill_mid_graph_resumes_and_applies_each_sql_node_once(dsn: str, tmp_path: Path) -> None:
@@ -68,7 +46,7 @@ async def test_sigkill_mid_graph_resumes_and_applies_each_sql_node_once(dsn: str
                 await anyio.sleep(0.02)
         worker.kill()  # step 3 has committed; steps 4 and 5 are running or about to
         done_before = await conn.fetchval("SELECT count(*) FROM step_counts WHERE n > 0")
-        worker.stop()
+        await worker.stop()
         worker = Worker(dsn, tmp_path / "worker.log")
         assert await conn.fetchval("SELECT df.await_instance($1, 90)", instance_id) == "completed"
         counts = dict(await conn.fetch("SELECT step, n FROM step_counts ORDER BY step"))
@@ -84,5 +62,5 @@ async def test_sigkill_mid_graph_resumes_and_applies_each_sql_node_once(dsn: str
         assert len(completed) == STEPS
         assert done_before >= 3
     finally:
-        worker.stop()
+        await worker.stop()
         await conn.close()

@@ -1,0 +1,66 @@
+"""``python -m pgdurable_async worker`` as a real child process, for tests that kill it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkerProcess:
+    """A worker process serving ``app`` (``module:attr``), logging to ``log_path``."""
+
+    def __init__(self, dsn: str, app: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env.pop("PGDURABLE_DSN", None)
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pgdurable_async", "worker", "--app", app, "--dsn", dsn, *extra],
+                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def ready(self, timeout: float = 60) -> None:
+        """Wait until the worker logged that it is serving."""
+        with anyio.fail_after(timeout):
+            while " ready: " not in self.log():
+                assert self.proc.poll() is None, f"worker exited early:\n{self.log()}"
+                await anyio.sleep(0.05)
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, whatever it was doing."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    async def stop(self, timeout: float = 40) -> int:
+        """SIGTERM (graceful drain, which flushes pending acks); returns the exit code."""
+        if self.proc.poll() is None:
+            self.thaw()
+            self.proc.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(timeout):
+                while self.proc.poll() is None:
+                    await anyio.sleep(0.05)
+        return self.close()
+
+    def close(self) -> int:
+        """Reap the process, killing it if it is still running."""
+        if self.proc.poll() is None:
+            self.thaw()
+            self.proc.kill()
+        return self.proc.wait(timeout=10)
