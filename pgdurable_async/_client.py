@@ -118,14 +118,19 @@ class Client:
     async def start(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> InstanceHandle:
         """Start an orchestration (function or registered name); raises on a taken id."""
         name = name_of(orchestration, kind="orchestration")
-        instance_id = check_id(instance_id) if instance_id is not None else uuid.uuid4().hex
+        generated = instance_id is None
+        instance_id = uuid.uuid4().hex if instance_id is None else check_id(instance_id)
         body = encode(input, what=f"input of {name!r}", limit=self.max_payload_bytes)
         db = await self._ready()
         await self._check_registered(name)
+
         async def start(conn: asyncpg.Connection[Any]) -> None:
             try:
                 await conn.fetchval(q("api_start"), instance_id, name, body)
             except asyncpg.UniqueViolationError:
+                if generated:
+                    return  # a fresh uuid can only collide with this call's own earlier attempt:
+                    # it committed, then the connection dropped before the reply and db.run retried
                 raise InstanceAlreadyExists(instance_id) from None
 
         await db.run(start, transaction=False)  # one statement: atomic on its own
