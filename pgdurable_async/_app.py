@@ -205,7 +205,3 @@ class App:
             raise UnknownNameError(
                 f"no orchestration named {name!r} is registered", kind="orchestration", name=name
             ) from None
-
-    def activity_def(self, name: str) -> ActivityDef | None:
-        """The activity registered under ``name``, if this app has it."""
-        return self.activities.get(name)

@@ -56,8 +56,8 @@ class _Writes:
     history: list[tuple[str, int, int, str, str, datetime]] = field(default_factory=list)
     work: list[tuple[str, int, int, str, str, str, str | None]] = field(default_factory=list)
     timers: list[tuple[str, int, int, str, datetime]] = field(default_factory=list)
+    # (child id, name, input, parent id, parent execution, parent task id)
     children: list[tuple[str, str, str, str, int, int]] = field(default_factory=list)
-    child_parent_task: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     messages: list[tuple[str, int | None, str, str]] = field(default_factory=list)
     updates: list[tuple[str, str, str | None, str | None, bool, str | None, int, int, str | None]] = field(
         default_factory=list
@@ -144,10 +144,15 @@ class TurnProcessor:
             del self._quarantine[instance_id]
         return list(self._quarantine)
 
+    async def _claim(self, conn: asyncpg.Connection[Any]) -> list[asyncpg.Record]:
+        """Lock a batch of instances that have messages (skipping quarantined ones)."""
+        rows: list[asyncpg.Record] = await conn.fetch(
+            q("claim_instances"), self.names, self.batch_size, self.batch_size * 4, self._excluded()
+        )
+        return rows
+
     async def _claimable(self, conn: asyncpg.Connection[Any]) -> list[str]:
-        rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4,
-                                self._excluded())
-        return [r["instance_id"] for r in rows]
+        return [r["instance_id"] for r in await self._claim(conn)]
 
     async def _fail_instance(self, conn: asyncpg.Connection[Any], instance_id: str, exc: Exception) -> None:
         row = await conn.fetchrow(q("lock_instance"), instance_id)
@@ -170,8 +175,7 @@ class TurnProcessor:
     async def _batch(self, conn: asyncpg.Connection[Any], only: str | None, runs: dict[str, Execution]) -> int:
         self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
         if only is None:
-            rows = await conn.fetch(q("claim_instances"), self.names, self.batch_size, self.batch_size * 4,
-                                    self._excluded())
+            rows = await self._claim(conn)
         else:
             rows = [r for r in [await conn.fetchrow(q("lock_instance"), only)] if r is not None]
         if not rows:
@@ -294,7 +298,6 @@ class TurnProcessor:
                 child = data["instance_id"]
                 w.children.append((child, data["name"], _json(data.get("input")), instance_id, execution_id,
                                    data["task_id"]))
-                w.child_parent_task[child] = (instance_id, execution_id, data["task_id"])
             elif kind in _FINAL_STATUS:
                 status = _FINAL_STATUS[kind]
                 if kind == ev.ORCHESTRATION_COMPLETED:
@@ -350,7 +353,7 @@ class TurnProcessor:
             kept_children = []
             for child in w.children:
                 if child[1] in unknown_children:
-                    parent, parent_exec, task_id = w.child_parent_task[child[0]]
+                    parent, parent_exec, task_id = child[3:]
                     err = {"type": "UnknownNameError",
                            "message": f"no orchestration named {child[1]!r} is registered", "traceback": ""}
                     w.messages.append((parent, parent_exec, ev.SUB_ORCHESTRATION_FAILED,
@@ -379,7 +382,7 @@ class TurnProcessor:
             created = {r["instance_id"] for r in await conn.fetch(q("create_children"), *_columns(w.children, 6))}
             for child in w.children:
                 if child[0] not in created:
-                    parent, parent_exec, task_id = w.child_parent_task[child[0]]
+                    parent, parent_exec, task_id = child[3:]
                     err = {"type": "InstanceAlreadyExists", "message": f"instance {child[0]!r} already exists",
                            "traceback": ""}
                     w.messages.append((parent, parent_exec, ev.SUB_ORCHESTRATION_FAILED,
