@@ -608,7 +608,7 @@ async def test_wrong_dsns_fail_fast_with_database_error(pg_server: PgServer) -> 
             with pytest.raises(pgd.DatabaseError, match=text):
                 async with pgd.Runtime(app, bad):
                     pass
-            assert time.monotonic() - started < 5, f"{label} took too long"
+            assert time.monotonic() - started < 15, f"{label} took too long"  # a hang is 30 s of retries
         for label in ("bad password", "unknown database"):
             if label in wrong:
                 started = time.monotonic()
