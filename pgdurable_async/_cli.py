@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="instance id")
     p.add_argument("event", metavar="NAME", help="event name")
     p.add_argument("--data", metavar="JSON", help="event data as JSON (default: null)")
+    p.add_argument("--key", metavar="KEY", help="idempotency key: resending with the same key delivers once")
     for name, func, text in (
         ("cancel", admin.cmd_cancel, "cancel an instance cooperatively"),
         ("terminate", admin.cmd_terminate, "stop an instance now, running no more of its code"),

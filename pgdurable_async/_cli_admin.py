@@ -149,7 +149,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
 async def cmd_raise_event(args: argparse.Namespace) -> int:
     data = parse_json(args.data, "--data")
     async with client_for(args) as client:
-        await client.raise_event(args.id, args.event, data)
+        await client.raise_event(args.id, args.event, data, idempotency_key=args.key)
     _print(f"event {args.event!r} sent to {args.id}")
     return 0
 

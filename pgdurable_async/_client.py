@@ -53,8 +53,8 @@ class InstanceHandle:
     async def history(self) -> list[HistoryEvent]:
         return await self.client.history(self.instance_id)
 
-    async def raise_event(self, name: str, data: Any = None) -> None:
-        await self.client.raise_event(self.instance_id, name, data)
+    async def raise_event(self, name: str, data: Any = None, *, idempotency_key: str | None = None) -> None:
+        await self.client.raise_event(self.instance_id, name, data, idempotency_key=idempotency_key)
 
     async def cancel(self, reason: str | None = None) -> None:
         await self.client.cancel(self.instance_id, reason)
@@ -188,10 +188,21 @@ class Client:
                 for r in rows]
 
     # -- signalling -------------------------------------------------------------------
-    async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
-        """Deliver an event to ``ctx.wait_for_event(name)``; a finished instance ignores it."""
+    async def raise_event(
+        self, instance_id: str, name: str, data: Any = None, *, idempotency_key: str | None = None
+    ) -> None:
+        """Deliver an event to ``ctx.wait_for_event(name)``; a finished instance ignores it.
+
+        Each call is delivered at most once, even when a dropped connection makes the
+        client retry it.  Calls that pass the same ``idempotency_key`` for one instance
+        deliver the event once (for callers that retry on their own).
+        """
         check_id(name, "event name")
-        body = encode({"name": name, "data": data}, what=f"data of event {name!r}", limit=self.max_payload_bytes)
+        if idempotency_key is None:
+            idempotency_key = uuid.uuid4().hex
+        check_id(idempotency_key, "idempotency key")
+        event = {"name": name, "data": data, "delivery_key": idempotency_key}
+        body = encode(event, what=f"data of event {name!r}", limit=self.max_payload_bytes)
         await self._send(instance_id, ev.EVENT_RECEIVED, body)
 
     async def cancel(self, instance_id: str, reason: str | None = None) -> None:

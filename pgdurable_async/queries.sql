@@ -292,6 +292,8 @@ WITH gone AS (
     RETURNING instance_id
 ), messages AS (
     DELETE FROM orchestrator_queue WHERE instance_id IN (SELECT instance_id FROM gone)
+), deliveries AS (
+    DELETE FROM event_deliveries WHERE instance_id IN (SELECT instance_id FROM gone)
 )
 SELECT count(*) FROM gone;
 

@@ -129,7 +129,7 @@ async def test_start_status_history_list(dsn: str, tmp_path: Path) -> None:
 async def test_raise_event_cancel_terminate_purge(dsn: str, tmp_path: Path) -> None:
     async with worker(dsn, tmp_path / "worker.log"):
         await ok("start", "approval", "--id", "ok-1", dsn=dsn)
-        await ok("raise-event", "ok-1", "approve", "--data", '{"by": "ann"}', dsn=dsn)
+        await ok("raise-event", "ok-1", "approve", "--data", '{"by": "ann"}', "--key", "req-1", dsn=dsn)
         assert await wait_done(dsn, "ok-1") == {"approved": {"by": "ann"}}
 
         await ok("start", "approval", "--id", "cancel-1", dsn=dsn)

@@ -34,6 +34,17 @@ async def boom(ctx: pgd.OrchestrationContext, _: object) -> None:
     raise ValueError("bad input 42")
 
 
+@app.orchestration
+async def tally(ctx: pgd.OrchestrationContext, _: object) -> list[object]:
+    """Collects "tick" events until a "stop" event."""
+    ticks: list[object] = []
+    while True:
+        winner = await ctx.any([ctx.wait_for_event("tick"), ctx.wait_for_event("stop")])
+        if winner.name == "stop":
+            return ticks
+        ticks.append(winner.result())
+
+
 async def _counts(dsn: str) -> tuple[int, int]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -165,3 +176,27 @@ async def test_unreachable_database_is_a_database_error() -> None:
     with pytest.raises(pgd.DatabaseError, match="cannot reach PostgreSQL"):
         await client.status("x")
     await client.close()
+
+
+async def test_an_idempotency_key_delivers_an_event_once(dsn: str) -> None:
+    """Resending with one key is a no-op; calls without a key are separate deliveries."""
+    async with pgd.Client(dsn, app=app) as client:
+        await client.start(tally, None, instance_id="tally")
+        for _ in range(3):
+            await client.raise_event("tally", "tick", "k1", idempotency_key="k1")
+        await client.raise_event("tally", "tick", "k2", idempotency_key="k2")
+        await client.raise_event("tally", "tick", "plain")
+        await client.raise_event("tally", "tick", "plain")
+        with pytest.raises(pgd.InvalidArgument, match="idempotency key"):
+            await client.raise_event("tally", "tick", idempotency_key="")
+        assert await _counts(dsn) == (1, 5)  # the start and four ticks
+        await client.raise_event("tally", "stop")
+    async with pgd.Runtime(app, dsn) as runtime:
+        assert await runtime.client.wait("tally", timeout=30) == ["k1", "k2", "plain", "plain"]
+        await runtime.client.raise_event("tally", "tick", "late", idempotency_key="k1")  # finished: ignored
+        await runtime.client.purge("tally")
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pgdurable.event_deliveries") == 0
+    finally:
+        await conn.close()
