@@ -222,11 +222,13 @@ DELETE FROM workers WHERE worker_id = $1;
 -- Workers whose LISTEN session is gone have died: their leases expire now.  A row is
 -- deleted only if it still names the session seen dead (a worker that re-registered
 -- meanwhile keeps its new row: READ COMMITTED re-checks the row, not the anti-join).
+-- Without pg_read_all_stats, another role's sessions show backend_start as NULL: a live
+-- pid is then trusted (were it reused, that lease would merely wait out its expiry).
 WITH seen_dead AS (
     SELECT w.worker_id, w.backend_pid, w.backend_start FROM workers w
     WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                       WHERE a.pid = w.backend_pid
-                        AND a.backend_start IS NOT DISTINCT FROM w.backend_start)
+                        AND (a.backend_start IS NULL OR a.backend_start = w.backend_start))
 ), dead AS (
     DELETE FROM workers w USING seen_dead d
     WHERE w.worker_id = d.worker_id AND w.backend_pid = d.backend_pid

@@ -7,10 +7,12 @@ import os
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import asyncpg
 import pytest
 
 import pgdurable_async as pgd
+from pgdurable_async._sql import q
 
 app = pgd.App()
 _names = itertools.count()
@@ -19,6 +21,17 @@ _names = itertools.count()
 @app.activity
 async def double(ctx: pgd.ActivityContext, n: int) -> int:
     return 2 * n
+
+
+@app.activity
+async def linger(ctx: pgd.ActivityContext, seconds: float) -> float:
+    await anyio.sleep(seconds)
+    return seconds
+
+
+@app.orchestration
+async def lingering(ctx: pgd.OrchestrationContext, seconds: float) -> float:
+    return float(await ctx.call_activity(linger, seconds))
 
 
 @app.orchestration
@@ -102,3 +115,34 @@ async def test_worker_role_cannot_rewrite_history(roles: tuple[str, str]) -> Non
                 await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_another_services_worker_role_sees_this_worker_alive(dsn: str, roles: tuple[str, str]) -> None:
+    """pg_stat_activity hides other roles' backend_start: that must not read as "session gone"."""
+    worker_dsn, _ = roles
+    other = f"pgd_other_worker_{os.getpid()}_{next(_names)}"
+    owner = await asyncpg.connect(dsn)
+    try:
+        await owner.execute(f'CREATE ROLE "{other}" LOGIN')
+        await owner.execute("SELECT pgdurable.grant_worker($1)", other)
+        async with pgd.Runtime(app, worker_dsn) as runtime:
+            handle = await runtime.client.start(lingering, 2.0)
+            with anyio.fail_after(20):
+                leased = "SELECT count(*) FROM pgdurable.work_queue WHERE lease_token IS NOT NULL"
+                while not await owner.fetchval(leased):
+                    await anyio.sleep(0.05)
+            sweeper = await asyncpg.connect(_as(dsn, other), server_settings={"search_path": "pgdurable"})
+            try:
+                assert await sweeper.fetch(q("release_dead_leases")) == []
+            finally:
+                await sweeper.close()
+            assert await owner.fetchval("SELECT count(*) FROM pgdurable.workers WHERE worker_id = $1",
+                                        runtime.worker_id) == 1
+            assert await handle.result(timeout=30) == 2.0
+        attempts = await owner.fetchval(
+            "SELECT count(*) FROM pgdurable.history WHERE event_type = 'activity_completed'")
+        assert attempts == 1
+    finally:
+        await owner.execute(f'DROP OWNED BY "{other}"')
+        await owner.execute(f'DROP ROLE IF EXISTS "{other}"')
+        await owner.close()
