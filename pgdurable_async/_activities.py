@@ -89,6 +89,7 @@ class ActivityWorker:
         self.capacity = Wakeup()
         self._outcomes: list[Outcome] = []
         self.stats = {"completed": 0, "failed": 0, "retried": 0, "acks": 0}
+        self._user_search_path: str | None = None  # learned on the first transactional activity
 
     @property
     def free(self) -> int:
@@ -165,11 +166,15 @@ class ActivityWorker:
         async def work(conn: asyncpg.Connection[Any]) -> None:
             if await conn.fetchval(q("lock_work_item"), item.id, item.lease_token) is None:
                 return  # lease lost: someone else owns this item now
+            if self._user_search_path is None:
+                self._user_search_path = str(await conn.fetchval(q("user_search_path")))
+            await conn.execute(q("set_search_path"), self._user_search_path)  # the user's tables, not ours
             ctx = TransactionContext(item.instance_id, item.activity_id, item.name, item.attempt, conn=conn)
             result = await definition.fn(ctx, item.input)
             outcome = self._success(item, result)
             if outcome.kind != ev.ACTIVITY_COMPLETED:
                 raise _Unencodable(outcome)
+            await conn.execute(q("set_search_path"), self.db.schema)
             await conn.fetch(q("ack_work"), [item.id], [item.lease_token], [outcome.kind], [outcome.payload])
 
         try:

@@ -180,6 +180,23 @@ WHERE w.id = r.id AND w.lease_token = r.token;
 -- A transactional activity holds its item's row lock while its SQL runs.
 SELECT id FROM work_queue WHERE id = $1 AND lease_token = $2 FOR UPDATE;
 
+-- name: user_search_path
+-- The search_path the login role's sessions get (ALTER ROLE / DATABASE ... SET, most
+-- specific first, else the server default).  Our sessions override it with the
+-- pgdurable schema; a transactional activity's own SQL runs with this one.
+SELECT coalesce(
+    (SELECT substr(c, length('search_path=') + 1)
+     FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) AS c
+     WHERE c LIKE 'search_path=%'
+       AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))
+       AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+     ORDER BY s.setrole <> 0 DESC, s.setdatabase <> 0 DESC
+     LIMIT 1),
+    (SELECT boot_val FROM pg_settings WHERE name = 'search_path'));
+
+-- name: set_search_path
+SELECT set_config('search_path', $1, true);
+
 -- name: fire_timers
 WITH due AS (
     DELETE FROM timers

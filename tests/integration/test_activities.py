@@ -56,6 +56,14 @@ async def bump_then_fail(ctx: pgd.TransactionContext, key: str) -> None:
     raise RuntimeError("rolled back")
 
 
+@app.transaction
+async def mark_unqualified(ctx: pgd.TransactionContext, doc_id: int) -> str:
+    """Unqualified names resolve as in the role's own sessions, not in the pgdurable schema."""
+    assert ctx.conn is not None
+    await ctx.conn.execute("UPDATE docs SET done = true WHERE id = $1", doc_id)
+    return str(await ctx.conn.fetchval("SHOW search_path"))
+
+
 @app.orchestration
 async def call(ctx: pgd.OrchestrationContext, spec: list[object]) -> object:
     name, arg = spec
@@ -163,5 +171,29 @@ async def test_history_is_append_only(dsn: str) -> None:
         )
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not finished"):
             await conn.execute("DELETE FROM pgdurable.history WHERE instance_id = 'live'")
+    finally:
+        await conn.close()
+
+
+async def test_transactional_sql_uses_the_roles_search_path(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, done bool NOT NULL DEFAULT false)")
+        await conn.execute("INSERT INTO public.docs (id) VALUES (1), (2)")
+        async with pgd.Runtime(app, dsn) as runtime:
+            handle = await runtime.client.start(call, ["mark_unqualified", 1])
+            assert await handle.result(timeout=30) == '"$user", public'
+        # A database-level search_path is honoured too (new sessions pick it up).
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute("CREATE SCHEMA app")
+        await conn.execute("CREATE TABLE app.docs (id int PRIMARY KEY, done bool NOT NULL DEFAULT false)")
+        await conn.execute("INSERT INTO app.docs (id) VALUES (2)")
+        await conn.execute(f'ALTER DATABASE "{database}" SET search_path = app, public')
+        async with pgd.Runtime(app, dsn) as runtime:
+            handle = await runtime.client.start(call, ["mark_unqualified", 2])
+            assert await handle.result(timeout=30) == "app, public"
+            assert await runtime.client.status(handle.instance_id)  # our own queries still find our tables
+        assert await conn.fetch("SELECT id FROM public.docs WHERE done ORDER BY id") == [(1,)]
+        assert await conn.fetch("SELECT id FROM app.docs WHERE done") == [(2,)]
     finally:
         await conn.close()
