@@ -169,8 +169,19 @@ async def test_history_is_append_only(dsn: str) -> None:
         await conn.execute(
             "INSERT INTO pgdurable.history (instance_id, execution_id, seq, event_type) VALUES ('live', 1, 1, 'x')"
         )
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not finished"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="still exists"):
             await conn.execute("DELETE FROM pgdurable.history WHERE instance_id = 'live'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="only finished instances"):
+            await conn.execute("DELETE FROM pgdurable.instances WHERE instance_id = 'live'")
+        # A finished instance loses no single event either: only purge removes it whole.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="still exists"):
+            await conn.execute("DELETE FROM pgdurable.history WHERE instance_id = $1 AND seq = 1", handle.instance_id)
+        count = "SELECT count(*) FROM pgdurable.history WHERE instance_id = $1"
+        assert await conn.fetchval(count, handle.instance_id) > 1
+        async with pgd.Client(dsn) as client:
+            await client.purge(handle.instance_id)
+        assert await conn.fetchval(count, handle.instance_id) == 0
+        assert await conn.fetchval(count, "live") == 1
     finally:
         await conn.close()
 
