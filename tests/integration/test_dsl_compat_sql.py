@@ -166,6 +166,11 @@ async def test_control_functions_return_pg_durables_strings(dsn: str) -> None:
                 "SELECT df.cancel(instance_id => $1, reason => 'Manual stop')", other
             ) == f"Instance {other} cancelled: Manual stop"
             assert await conn.fetchval("SELECT df.await_instance($1, 30)", other) == "cancelled"
+            broken = await conn.fetchval("SELECT df.start('SELECT 1/0')")
+            assert await conn.fetchval("SELECT df.await_instance($1, 30)", broken) == "failed"
+            error = await conn.fetchval("SELECT error FROM df.nodes WHERE instance_id = $1", broken)
+            assert "division by zero" in error
+            assert await conn.fetchval("SELECT df.result($1)", broken) is None
             with pytest.raises(asyncpg.PostgresError, match="not found"):
                 await conn.fetchval("SELECT df.cancel('0000abcd')")
             with pytest.raises(asyncpg.PostgresError, match="not found"):
