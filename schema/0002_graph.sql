@@ -87,7 +87,7 @@ CREATE OR REPLACE FUNCTION df._steps(n jsonb) RETURNS jsonb LANGUAGE sql IMMUTAB
     SELECT CASE WHEN n->>'type' = 'seq' THEN n->'steps' ELSE jsonb_build_array(n) END;
 $$;
 
-CREATE OR REPLACE FUNCTION df.sql(query text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.sql(query text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
         RAISE EXCEPTION 'df.sql: the query must not be empty';
@@ -96,7 +96,7 @@ BEGIN
 END $$;
 
 -- ~> / df.seq.  `cond ?> a ~> b !> c`: an open `?>` takes what follows into its then-branch.
-CREATE OR REPLACE FUNCTION df.seq(a text, b text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.seq(a text, b text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 DECLARE
     x jsonb := df._node(a);
     y jsonb := df._node(b);
@@ -132,20 +132,20 @@ BEGIN
     RETURN jsonb_build_object('type', kind, 'branches', jsonb_build_array(x, y))::text;
 END $$;
 
-CREATE OR REPLACE FUNCTION df.join(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.join(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
     SELECT df._pair('join', a, b);
 $$;
 
-CREATE OR REPLACE FUNCTION df.join3(a text, b text, c text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.join3(a text, b text, c text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
     SELECT jsonb_build_object('type', 'join', 'branches',
                               jsonb_build_array(df._node(a), df._node(b), df._node(c)))::text;
 $$;
 
-CREATE OR REPLACE FUNCTION df.race(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.race(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
     SELECT df._pair('race', a, b);
 $$;
 
-CREATE OR REPLACE FUNCTION df."as"(fut text, name text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df."as"(fut text, name text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 DECLARE
     x jsonb := df._node(fut);
 BEGIN
@@ -158,16 +158,18 @@ BEGIN
     RETURN jsonb_build_object('type', 'bind', 'name', name, 'node', x)::text;
 END $$;
 
-CREATE OR REPLACE FUNCTION df."if"(condition text, then_node text, else_node text DEFAULT NULL) RETURNS text
+-- pg_durable's df.if / df.if_rows require else_branch (and are STRICT); ours also takes
+-- two arguments (no else), so they stay non-strict with else_branch DEFAULT NULL.
+CREATE OR REPLACE FUNCTION df."if"(condition text, then_branch text, else_branch text DEFAULT NULL) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT jsonb_build_object('type', 'if', 'cond', df._node(condition), 'then', df._node(then_node),
-                              'else', CASE WHEN else_node IS NULL THEN NULL ELSE df._node(else_node) END)::text;
+    SELECT jsonb_build_object('type', 'if', 'cond', df._node(condition), 'then', df._node(then_branch),
+                              'else', CASE WHEN else_branch IS NULL THEN NULL ELSE df._node(else_branch) END)::text;
 $$;
 
-CREATE OR REPLACE FUNCTION df.if_rows(result_name text, then_node text, else_node text DEFAULT NULL) RETURNS text
+CREATE OR REPLACE FUNCTION df.if_rows(result_name text, then_branch text, else_branch text DEFAULT NULL) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT jsonb_build_object('type', 'if_rows', 'name', result_name, 'then', df._node(then_node),
-                              'else', CASE WHEN else_node IS NULL THEN NULL ELSE df._node(else_node) END)::text;
+    SELECT jsonb_build_object('type', 'if_rows', 'name', result_name, 'then', df._node(then_branch),
+                              'else', CASE WHEN else_branch IS NULL THEN NULL ELSE df._node(else_branch) END)::text;
 $$;
 
 -- ?> opens an if (its else still missing); !> closes it.
@@ -211,7 +213,7 @@ BEGIN
     RETURN jsonb_build_object('type', 'break', 'value', v)::text;
 END $$;
 
-CREATE OR REPLACE FUNCTION df.sleep(seconds double precision) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.sleep(seconds double precision) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 BEGIN
     IF seconds IS NULL OR seconds < 0 THEN
         RAISE EXCEPTION 'df.sleep: seconds must be >= 0';
@@ -249,36 +251,39 @@ BEGIN
     END LOOP;
 END $$;
 
-CREATE OR REPLACE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 BEGIN
     PERFORM df._check_cron(cron_expr);
     RETURN jsonb_build_object('type', 'wait_for_schedule', 'cron', btrim(cron_expr))::text;
 END $$;
 
-CREATE OR REPLACE FUNCTION df.wait_for_signal(name text, timeout double precision DEFAULT NULL) RETURNS text
+-- timeout_seconds is an integer in pg_durable; a double here also takes fractions.
+CREATE OR REPLACE FUNCTION df.wait_for_signal(name text, timeout_seconds double precision DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF name IS NULL OR name = '' THEN
         RAISE EXCEPTION 'df.wait_for_signal: name must not be empty';
     END IF;
-    IF timeout IS NOT NULL AND timeout < 0 THEN
-        RAISE EXCEPTION 'df.wait_for_signal: timeout must be >= 0';
+    IF timeout_seconds IS NOT NULL AND timeout_seconds < 0 THEN
+        RAISE EXCEPTION 'df.wait_for_signal: timeout_seconds must be >= 0';
     END IF;
-    RETURN jsonb_build_object('type', 'wait_for_signal', 'name', name, 'timeout', timeout)::text;
+    RETURN jsonb_build_object('type', 'wait_for_signal', 'name', name, 'timeout', timeout_seconds)::text;
 END $$;
 
+-- The URL may start with a {var} or $name placeholder, substituted when the node runs
+-- (the worker checks the final URL).
 CREATE OR REPLACE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL,
-                                   headers jsonb DEFAULT NULL, timeout integer DEFAULT 30) RETURNS text
+                                   headers jsonb DEFAULT NULL, timeout_seconds integer DEFAULT 30) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    IF url IS NULL OR url !~* '^https?://' THEN
+    IF url IS NULL OR url !~* '^(https?://|\{[A-Za-z_][A-Za-z0-9_]*\}|\$[A-Za-z_])' THEN
         RAISE EXCEPTION 'df.http: % is not an http(s) URL', coalesce(url, 'NULL');
     END IF;
     IF upper(coalesce(method, 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD') THEN
         RAISE EXCEPTION 'df.http: unsupported method %', method;
     END IF;
     RETURN jsonb_build_object('type', 'http', 'url', url, 'method', upper(coalesce(method, 'POST')),
-                              'body', body, 'headers', headers, 'timeout', coalesce(timeout, 30))::text;
+                              'body', body, 'headers', headers, 'timeout', coalesce(timeout_seconds, 30))::text;
 END $$;
 
 CREATE OR REPLACE FUNCTION df.call(name text, input jsonb DEFAULT NULL) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
@@ -499,33 +504,38 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------------------
--- Variables ({name} in SQL), per submitting role.
+-- Variables ({name} in SQL), per submitting role.  The role is quote_ident(current_user)::regrole:
+-- a role name is not an identifier ("labUser", "Audit Quoted"), so it is quoted before the cast.
 CREATE TABLE IF NOT EXISTS df.vars (
     name  text NOT NULL,
     value text,
-    owner regrole NOT NULL DEFAULT current_user::regrole,
+    owner regrole NOT NULL DEFAULT quote_ident(current_user)::regrole,
     PRIMARY KEY (owner, name)
 );
 ALTER TABLE df.vars ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS vars_user_isolation ON df.vars;
 CREATE POLICY vars_user_isolation ON df.vars FOR ALL
-    USING (owner = current_user::regrole) WITH CHECK (owner = current_user::regrole);
+    USING (owner::oid = quote_ident(current_user)::regrole::oid)
+    WITH CHECK (owner::oid = quote_ident(current_user)::regrole::oid);
 
-CREATE OR REPLACE FUNCTION df.setvar(name text, value text) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO df.vars (name, value, owner) VALUES (setvar.name, setvar.value, current_user::regrole)
+CREATE OR REPLACE FUNCTION df.setvar(name text, value text) RETURNS text LANGUAGE sql STRICT AS $$
+    INSERT INTO df.vars (name, value, owner) VALUES (setvar.name, setvar.value, quote_ident(current_user)::regrole)
     ON CONFLICT (owner, name) DO UPDATE SET value = excluded.value;
+    SELECT 'OK';
 $$;
 
-CREATE OR REPLACE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT v.value FROM df.vars v WHERE v.name = getvar.name AND v.owner = current_user::regrole;
+CREATE OR REPLACE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STRICT AS $$
+    SELECT v.value FROM df.vars v WHERE v.name = getvar.name AND v.owner = quote_ident(current_user)::regrole;
 $$;
 
-CREATE OR REPLACE FUNCTION df.unsetvar(name text) RETURNS void LANGUAGE sql AS $$
-    DELETE FROM df.vars v WHERE v.name = unsetvar.name AND v.owner = current_user::regrole;
+CREATE OR REPLACE FUNCTION df.unsetvar(name text) RETURNS text LANGUAGE sql STRICT AS $$
+    DELETE FROM df.vars v WHERE v.name = unsetvar.name AND v.owner = quote_ident(current_user)::regrole;
+    SELECT 'OK';
 $$;
 
-CREATE OR REPLACE FUNCTION df.clearvars() RETURNS void LANGUAGE sql AS $$
-    DELETE FROM df.vars v WHERE v.owner = current_user::regrole;
+CREATE OR REPLACE FUNCTION df.clearvars() RETURNS text LANGUAGE sql AS $$
+    DELETE FROM df.vars v WHERE v.owner = quote_ident(current_user)::regrole;
+    SELECT 'OK';
 $$;
 
 -- ---------------------------------------------------------------------------------------
@@ -600,28 +610,32 @@ BEGIN
     PERFORM df._check(graph, ARRAY[]::text[]);
     RETURN df._submit(current_user::text, graph, label, current_setting('search_path'),
                       (SELECT jsonb_object_agg(v.name, v.value) FROM df.vars v
-                       WHERE v.owner = current_user::regrole));
+                       WHERE v.owner = quote_ident(current_user)::regrole));
 END $$;
 
 -- ---------------------------------------------------------------------------------------
 -- Monitoring: instances started with df.start, visible to the roles that may act as
--- their submitter (superusers see all).
+-- their submitter (superusers see all).  pg_durable's columns first, then ours.
+-- Everything that reads instance state is VOLATILE: `SELECT df.await_instance(id, 30),
+-- df.status(id)` must see the state await_instance waited for, not the statement's snapshot.
 CREATE OR REPLACE VIEW df.instances WITH (security_barrier) AS
-SELECT i.instance_id                                   AS id,
+SELECT i.instance_id::varchar(8)                       AS id,
        i.input->>'label'                               AS label,
-       i.name                                          AS function_name,
+       'n0'::varchar(8)                                AS root_node,
        i.status,
-       i.input->>'role'                                AS submitted_by,
-       i.execution_id                                  AS execution_count,
-       i.output,
-       i.error,
+       r.oid::regrole                                  AS submitted_by,
+       current_database()::text COLLATE "default"      AS database,
        i.created_at,
        i.updated_at,
-       CASE WHEN i.status = 'completed' THEN i.updated_at END AS completed_at
+       CASE WHEN i.status = 'completed' THEN i.updated_at END AS completed_at,
+       i.name                                          AS function_name,
+       i.execution_id::bigint                          AS execution_count,
+       i.output,
+       i.error
 FROM instances i
+JOIN pg_roles r ON r.rolname = i.input->>'role'
 WHERE i.name = 'pgdurable.graph' AND i.parent_instance_id IS NULL
-  AND EXISTS (SELECT 1 FROM pg_roles r
-              WHERE r.rolname = i.input->>'role' AND pg_has_role(current_user, r.oid, 'MEMBER'));
+  AND pg_has_role(current_user, r.oid, 'MEMBER');
 
 CREATE OR REPLACE FUNCTION df._send(instance_id text, kind text, payload jsonb) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
@@ -629,46 +643,69 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles r ON r.rolname = i.input->>'role'
                    WHERE i.instance_id = _send.instance_id AND i.name = 'pgdurable.graph'
                      AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
-        RAISE EXCEPTION 'df: instance % not found', _send.instance_id USING ERRCODE = 'no_data_found';
+        RAISE EXCEPTION 'Instance not found or access denied: %', _send.instance_id USING ERRCODE = 'no_data_found';
     END IF;
     PERFORM send(instance_id, kind, payload);
 END $$;
 
 CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS text LANGUAGE plpgsql STRICT AS $$
 DECLARE
     data jsonb;
 BEGIN
+    IF instance_id = '' THEN
+        RAISE EXCEPTION 'Instance ID cannot be empty';
+    END IF;
+    IF signal_name = '' THEN
+        RAISE EXCEPTION 'Signal name cannot be empty';
+    END IF;
     BEGIN
-        data := coalesce(signal_data, '{}')::jsonb;
+        data := signal_data::jsonb;
     EXCEPTION WHEN others THEN
         data := to_jsonb(signal_data);
     END;
     PERFORM df._send(instance_id, 'event_received', jsonb_build_object('name', signal_name, 'data', data));
+    RETURN 'OK';
 END $$;
 
-CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT NULL) RETURNS void
-LANGUAGE sql AS $$
-    SELECT df._send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
-$$;
+-- Cooperative: the instance gets a cancel request and its worker stops it (status
+-- 'cancelled' once the worker has processed it; df.await_instance waits for that).
+CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user') RETURNS text
+LANGUAGE plpgsql STRICT AS $$
+BEGIN
+    PERFORM df._send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
+    RETURN format('Instance %s cancelled: %s', instance_id, reason);
+END $$;
 
-CREATE OR REPLACE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql VOLATILE STRICT AS $$
     SELECT i.status FROM df.instances i WHERE i.id = status.instance_id;
 $$;
 
-CREATE OR REPLACE FUNCTION df.result(instance_id text) RETURNS jsonb LANGUAGE sql STABLE AS $$
-    SELECT i.output FROM df.instances i WHERE i.id = result.instance_id AND i.status = 'completed';
+-- The root node's result (the instance's output) as text, as in pg_durable.
+CREATE OR REPLACE FUNCTION df.result(instance_id text) RETURNS text LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT i.output::text FROM df.instances i WHERE i.id = result.instance_id AND i.status = 'completed';
 $$;
 
-CREATE OR REPLACE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
-RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count integer, output jsonb)
-LANGUAGE plpgsql STABLE AS $$
+-- pg_durable's page-size guard (its pg_durable.list_instances_max_limit GUC, at its default).
+CREATE OR REPLACE FUNCTION df._check_limit(limit_count integer) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF limit_count IS NULL OR limit_count < 1 THEN
-        RAISE EXCEPTION 'df.list_instances: limit_count must be >= 1';
+        RAISE EXCEPTION 'limit_count must be at least 1';
     END IF;
+    IF limit_count > 1000 THEN
+        RAISE EXCEPTION 'df.list_instances: limit_count (%) exceeds pg_durable.list_instances_max_limit (1000); '
+            'request fewer rows, or use the paginated df.list_instances overload (after_cursor/next_cursor) '
+            'for large result sets', limit_count;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint, output text)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM df._check_limit(limit_count);
     RETURN QUERY
-    SELECT i.id, i.label, i.function_name, i.status, i.execution_count, i.output
+    SELECT i.id::text, i.label, i.function_name, i.status, i.execution_count, i.output::text
     FROM df.instances i
     WHERE status_filter IS NULL OR i.status = status_filter
     ORDER BY i.created_at DESC, i.id
@@ -676,23 +713,28 @@ BEGIN
 END $$;
 
 -- Polls (inside SQL a LISTEN cannot be consumed); needs READ COMMITTED to see progress.
-CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout double precision DEFAULT 30)
-RETURNS text LANGUAGE plpgsql AS $$
+-- timeout_seconds is an integer in pg_durable; a double here also takes fractions.
+CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout_seconds double precision DEFAULT 30)
+RETURNS text LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
-    deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout, 30));
+    deadline timestamptz;
     st text;
     pause double precision := 0.02;
 BEGIN
+    IF timeout_seconds <= 0 THEN
+        RAISE EXCEPTION 'df.await_instance: timeout_seconds must be > 0';
+    END IF;
+    deadline := clock_timestamp() + make_interval(secs => timeout_seconds);
     LOOP
         SELECT i.status INTO st FROM df.instances i WHERE i.id = await_instance.instance_id;
         IF st IS NULL THEN
-            RAISE EXCEPTION 'df.await_instance: instance % not found', instance_id USING ERRCODE = 'no_data_found';
+            RAISE EXCEPTION 'Instance not found: %', instance_id USING ERRCODE = 'no_data_found';
         END IF;
         IF st IN ('completed', 'failed', 'cancelled', 'terminated') THEN
             RETURN st;
         END IF;
         IF clock_timestamp() >= deadline THEN
-            RAISE EXCEPTION 'df.await_instance: instance % is still % after % s', instance_id, st, timeout
+            RAISE EXCEPTION 'df.await_instance: instance % is still % after % s', instance_id, st, timeout_seconds
                 USING ERRCODE = 'query_canceled';
         END IF;
         PERFORM pg_sleep(least(pause, greatest(extract(epoch FROM deadline - clock_timestamp()), 0)));
@@ -729,10 +771,11 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT * FROM walk;
 $$;
 
-CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id text)
+-- df._instance_nodes adds the failed nodes' error message for df.nodes.
+CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
                status text, result text, status_details text, inferred_status text,
-               inferred_status_from_ancestor_id text, updated_at timestamptz)
+               inferred_status_from_ancestor_id text, updated_at timestamptz, error text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
 DECLARE
@@ -746,19 +789,19 @@ DECLARE
     finished boolean;
 BEGIN
     SELECT i.* INTO inst FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
-    WHERE i.instance_id = instance_nodes.instance_id AND i.name = 'pgdurable.graph'
+    WHERE i.instance_id = instance_id_param AND i.name = 'pgdurable.graph'
       AND pg_has_role(session_user, ro.oid, 'MEMBER');
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'df.instance_nodes: instance % not found', instance_nodes.instance_id
+        RAISE EXCEPTION 'df.instance_nodes: instance % not found', instance_id_param
             USING ERRCODE = 'no_data_found';
     END IF;
     finished := inst.status IN ('completed', 'failed', 'cancelled', 'terminated');
     CREATE TEMP TABLE IF NOT EXISTS pg_temp.df_nodes (
         node_id text PRIMARY KEY, parent_id text, depth int, pos int, node jsonb,
-        status text, result text, details text, at timestamptz) ON COMMIT DROP;
+        status text, result text, details text, at timestamptz, error text) ON COMMIT DROP;
     DELETE FROM pg_temp.df_nodes;
     INSERT INTO pg_temp.df_nodes
-    SELECT g.node_id, g.parent_id, g.depth, g.pos, g.node, a.status, a.result, a.details, a.at
+    SELECT g.node_id, g.parent_id, g.depth, g.pos, g.node, a.status, a.result, a.details, a.at, a.error
     FROM df._graph_nodes(inst.input->'graph') g
     LEFT JOIN LATERAL (
         SELECT CASE d.event_type WHEN 'activity_completed' THEN 'completed'
@@ -766,7 +809,8 @@ BEGIN
                coalesce(d.payload->'result', d.payload->'error')::text AS result,
                jsonb_build_object('execution_id', h.instance_id || '::' || h.execution_id,
                                   'task_id', h.payload->'task_id')::text AS details,
-               coalesce(d.recorded_at, h.recorded_at) AS at
+               coalesce(d.recorded_at, h.recorded_at) AS at,
+               coalesce(d.payload->'error'->>'message', d.payload->>'error') AS error
         FROM history h
         LEFT JOIN history d ON d.instance_id = h.instance_id AND d.execution_id = h.execution_id
              AND d.event_type IN ('activity_completed', 'activity_failed') AND d.payload->'task_id' = h.payload->'task_id'
@@ -831,17 +875,30 @@ BEGIN
             inferred_status_from_ancestor_id := r.parent_id;
         END IF;
         updated_at := coalesce(r.at, inst.updated_at);
+        error := r.error;
         RETURN NEXT;
     END LOOP;
     DELETE FROM pg_temp.df_nodes;
 END $$;
 
--- Every node of every visible instance (computed per instance by df.instance_nodes).
+CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text)
+RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
+               status text, result text, status_details text, inferred_status text,
+               inferred_status_from_ancestor_id text, updated_at timestamptz)
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result,
+           n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at
+    FROM df._instance_nodes(instance_id_param) n;
+$$;
+
+-- Every node of every visible instance (computed per instance), pg_durable's columns first.
+-- Node ids are paths in the graph (n0, n0.1, ...), not pg_durable's 8-hex row ids.
 CREATE OR REPLACE VIEW df.nodes AS
-SELECT i.id AS instance_id, n.node_id AS id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
-       n.status, n.result, n.status_details, n.inferred_status, i.submitted_by, n.updated_at
+SELECT n.node_id::text AS id, i.id AS instance_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
+       n.status, n.result::jsonb AS result, n.error, i.submitted_by, i.database, i.created_at, n.updated_at,
+       n.status_details::jsonb AS status_details, n.inferred_status, n.inferred_status_from_ancestor_id
 FROM df.instances i
-CROSS JOIN LATERAL df.instance_nodes(i.id) n;
+CROSS JOIN LATERAL df._instance_nodes(i.id) n;
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges.  Nothing in `df` is usable without USAGE on the schema, which
@@ -849,60 +906,99 @@ CROSS JOIN LATERAL df.instance_nodes(i.id) n;
 -- member of each submitting role (GRANT app_role TO worker_role) to run its SQL as it.
 REVOKE ALL ON SCHEMA df FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION df.grant_usage(role_name text, include_http boolean DEFAULT false,
+CREATE OR REPLACE FUNCTION df.grant_usage(p_role text, include_http boolean DEFAULT false,
                                           with_grant boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     opt text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
     fn record;
 BEGIN
-    EXECUTE format('GRANT USAGE ON SCHEMA df TO %I%s', role_name, opt);
+    EXECUTE format('GRANT USAGE ON SCHEMA df TO %I%s', p_role, opt);
     FOR fn IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
         CONTINUE WHEN fn.proname = 'http' AND NOT include_http;
         CONTINUE WHEN fn.proname IN ('grant_usage', 'revoke_usage', 'metrics') AND NOT with_grant;
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I%s', fn.sig, role_name, opt);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I%s', fn.sig, p_role, opt);
     END LOOP;
-    EXECUTE format('GRANT SELECT ON df.instances, df.nodes TO %I%s', role_name, opt);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %I%s', role_name, opt);
+    EXECUTE format('GRANT SELECT ON df.instances, df.nodes TO %I%s', p_role, opt);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %I%s', p_role, opt);
 END $$;
 
-CREATE OR REPLACE FUNCTION df.revoke_usage(role_name text) RETURNS void LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION df.revoke_usage(p_role text) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     fn record;
 BEGIN
     FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', fn.sig, role_name);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', fn.sig, p_role);
     END LOOP;
-    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars FROM %I', role_name);
-    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %I', role_name);
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars FROM %I', p_role);
+    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %I', p_role);
 END $$;
 
 REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text),
     df.http(text, text, text, jsonb, integer) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------
--- More monitoring: one instance, a paginated listing, system-wide counts, a text explain.
+-- More monitoring: one instance, its executions, a paginated listing, system-wide counts,
+-- a text explain.
 CREATE OR REPLACE FUNCTION df.instance_info(instance_id text)
-RETURNS TABLE (instance_id text, label text, function_name text, status text, submitted_by text,
-               execution_count integer, created_at timestamptz, completed_at timestamptz, output jsonb, error jsonb)
-LANGUAGE sql STABLE AS $$
-    SELECT i.id, i.label, i.function_name, i.status, i.submitted_by, i.execution_count, i.created_at,
-           i.completed_at, i.output, i.error
+RETURNS TABLE (instance_id text, label text, function_name text, function_version text,
+               current_execution_id bigint, status text, output text)
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT i.id::text, i.label, i.function_name, '1.0.0'::text, i.execution_count, i.status, i.output::text
     FROM df.instances i WHERE i.id = instance_info.instance_id;
 $$;
 
+-- One row per execution (a loop that continues as new starts another), newest first;
+-- status in duroxide's words as in pg_durable: Running, Completed, Failed, ContinuedAsNew.
+CREATE OR REPLACE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
+RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint, output text)
+LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER SET search_path FROM CURRENT AS $$
+#variable_conflict use_column
+BEGIN
+    IF limit_count < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
+                   WHERE i.instance_id = instance_executions.instance_id AND i.name = 'pgdurable.graph'
+                     AND pg_has_role(session_user, ro.oid, 'MEMBER')) THEN
+        RETURN;  -- not found or not visible: no history to show, as in pg_durable
+    END IF;
+    RETURN QUERY
+    SELECT e.execution_id::bigint,
+           CASE last.event_type WHEN 'orchestration_completed' THEN 'Completed'
+                                WHEN 'continued_as_new' THEN 'ContinuedAsNew'
+                                WHEN 'orchestration_failed' THEN 'Failed'
+                                WHEN 'orchestration_cancelled' THEN 'Failed'
+                                WHEN 'orchestration_terminated' THEN 'Failed'
+                                ELSE 'Running' END,
+           e.events,
+           CASE WHEN last.event_type IN ('orchestration_completed', 'continued_as_new', 'orchestration_failed',
+                                         'orchestration_cancelled', 'orchestration_terminated')
+                THEN (extract(epoch FROM last.recorded_at - e.started) * 1000)::bigint ELSE 0 END,
+           CASE last.event_type WHEN 'orchestration_completed' THEN (last.payload->'output')::text
+                                WHEN 'continued_as_new' THEN (last.payload->'input')::text
+                                WHEN 'orchestration_failed' THEN (last.payload->'error')::text
+                                WHEN 'orchestration_cancelled' THEN (last.payload->'reason')::text
+                                WHEN 'orchestration_terminated' THEN (last.payload->'reason')::text END
+    FROM (SELECT h.execution_id, count(*) AS events, min(h.recorded_at) AS started, max(h.seq) AS last_seq
+          FROM history h WHERE h.instance_id = instance_executions.instance_id
+          GROUP BY h.execution_id
+          ORDER BY h.execution_id DESC LIMIT least(limit_count, 10000)) e
+    JOIN history last ON last.instance_id = instance_executions.instance_id
+                     AND last.execution_id = e.execution_id AND last.seq = e.last_seq
+    ORDER BY e.execution_id DESC;
+END $$;
+
 CREATE OR REPLACE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
                                              after_cursor text DEFAULT NULL)
-RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count integer,
-               output jsonb, created_at timestamptz, completed_at timestamptz, next_cursor text)
-LANGUAGE plpgsql STABLE AS $$
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint,
+               output text, created_at timestamptz, completed_at timestamptz, next_cursor text)
+LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     after_at timestamptz;
     after_id text;
 BEGIN
-    IF limit_count IS NULL OR limit_count < 1 THEN
-        RAISE EXCEPTION 'df.list_instances: limit_count must be >= 1';
-    END IF;
+    PERFORM df._check_limit(limit_count);
     IF after_cursor IS NOT NULL THEN
         BEGIN
             after_at := split_part(convert_from(decode(after_cursor, 'hex'), 'UTF8'), '|', 1)::timestamptz;
@@ -922,7 +1018,8 @@ BEGIN
     ), numbered AS (
         SELECT p.*, row_number() OVER (ORDER BY p.created_at DESC, p.id) AS n, count(*) OVER () AS total FROM page p
     )
-    SELECT x.id, x.label, x.function_name, x.status, x.execution_count, x.output, x.created_at, x.completed_at,
+    SELECT x.id::text, x.label, x.function_name, x.status, x.execution_count, x.output::text, x.created_at,
+           x.completed_at,
            (SELECT CASE WHEN x.total > limit_count
                         THEN encode(convert_to(l.created_at::text || '|' || l.id, 'UTF8'), 'hex') END
             FROM numbered l WHERE l.n = limit_count)
@@ -930,29 +1027,52 @@ BEGIN
     ORDER BY x.n;
 END $$;
 
-CREATE OR REPLACE FUNCTION df.metrics() RETURNS TABLE (status text, instances bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    SELECT i.status, count(*) FROM instances i
-    WHERE i.name = 'pgdurable.graph' AND i.parent_instance_id IS NULL
-    GROUP BY i.status ORDER BY i.status;
+-- System-wide counts over every instance of this pgdurable schema (graphs, their
+-- sub-workflows and code orchestrations): only for roles granted it explicitly.
+CREATE OR REPLACE FUNCTION df.metrics()
+RETURNS TABLE (total_instances bigint, running_instances bigint, completed_instances bigint,
+               failed_instances bigint, total_executions bigint, total_events bigint)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT count(*),
+           count(*) FILTER (WHERE i.status IN ('pending', 'running')),
+           count(*) FILTER (WHERE i.status = 'completed'),
+           count(*) FILTER (WHERE i.status IN ('failed', 'cancelled', 'terminated')),
+           coalesce(sum(i.execution_id), 0)::bigint,
+           (SELECT count(*) FROM history)
+    FROM instances i;
 $$;
 REVOKE EXECUTE ON FUNCTION df.metrics() FROM PUBLIC;
 
--- An indented outline of a graph (a node expression) or of an instance (an id), with states.
-CREATE OR REPLACE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql AS $$
+-- An indented outline of an instance (an 8-hex id), of a graph (node JSON or a plain SQL
+-- statement), or of a DSL expression given as text, which is evaluated as the caller.
+CREATE OR REPLACE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
     out text := '';
+    expr text := btrim(input);
+    graph jsonb;
     r record;
 BEGIN
-    IF input ~ '^[0-9a-f]{8}$' AND df.status(input) IS NOT NULL THEN
-        FOR r IN SELECT * FROM df.instance_nodes(input) LOOP
+    IF expr ~* '^[0-9a-f]{8}$' THEN
+        IF df.status(expr) IS NULL THEN
+            RETURN format('Instance ''%s'' not found', expr);
+        END IF;
+        FOR r IN SELECT * FROM df.instance_nodes(expr) LOOP
             out := out || repeat('  ', length(r.node_id) - length(replace(r.node_id, '.', ''))) || r.node_type
                 || coalesce(' ' || left(regexp_replace(r.query, '\s+', ' ', 'g'), 60), '')
                 || '  [' || r.inferred_status || ']' || E'\n';
         END LOOP;
         RETURN out;
     END IF;
-    FOR r IN SELECT * FROM df._graph_nodes(df._node(input)) g ORDER BY g.node_id LOOP
+    IF left(expr, 1) <> '{'
+       AND expr !~* '^(SELECT|INSERT|UPDATE|DELETE|WITH|CREATE|ALTER|DROP|CALL|DO|TRUNCATE|GRANT|REVOKE|EXPLAIN|VALUES|TABLE)\s'
+       AND expr ~ '(~>|\|=>|\?>|!>|@>|df\.)' THEN
+        EXECUTE format('SELECT (%s)::text', expr) INTO expr;
+        IF expr IS NULL THEN
+            RETURN 'Expression returned NULL';
+        END IF;
+    END IF;
+    graph := df._node(expr);
+    FOR r IN SELECT * FROM df._graph_nodes(graph) g ORDER BY g.node_id LOOP
         out := out || repeat('  ', r.depth) || upper(r.node->>'type')
             || coalesce(' ' || left(regexp_replace(r.node->>'query', '\s+', ' ', 'g'), 60), '')
             || coalesce(' as ' || CASE WHEN r.node->>'type' = 'bind' THEN r.node->>'name' END, '') || E'\n';
