@@ -52,8 +52,8 @@ async def run(dsn: str, *, out: TextIO = sys.stdout, count: int = 250) -> dict[s
             status = await conn.fetchval("SELECT df.await_instance($1, 60)", instance_id)
             processed = await conn.fetchval("SELECT count(*) FROM documents WHERE processed")
             batches = await conn.fetchval(
-                "SELECT count(*) FROM pgdurable.history WHERE instance_id = $1 AND event_type = 'activity_completed'"
-                " AND payload->'result'->>'command' = 'UPDATE'",
+                "SELECT count(*) FROM pgdurable.history WHERE instance_id = $1 AND event_type = 'activity_scheduled'"
+                " AND payload->'input'->>'query' LIKE 'UPDATE %'",
                 instance_id,
             )
         finally:

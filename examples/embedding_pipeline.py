@@ -129,5 +129,5 @@ async def run(dsn: str, *, out: TextIO = sys.stdout) -> dict[str, Any]:
               f"transient failures retried: {len(api.failed)} ({retried} recovered); API calls: {api.calls}",
               file=out)
         print(await render_instance(runtime.client, handle.instance_id, app), file=out)
-    return {"marked": marked["rowcount"], "docs": docs, "chunks": stats["chunks"], "embedded": stats["embedded"],
+    return {"marked": marked["row_count"], "docs": docs, "chunks": stats["chunks"], "embedded": stats["embedded"],
             "keys": stats["keys"], "failures": len(api.failed)}

@@ -101,7 +101,8 @@ async def run(dsn: str, *, out: TextIO = sys.stdout, count: int = 110) -> dict[s
         finally:
             await conn.close()
         groups = sum(1 for e in await runtime.client.history(instance_id)
-                     if e.kind == "activity_completed" and e.data.get("result", {}).get("command") == "UPDATE")
+                     if e.kind == "activity_scheduled"
+                     and str(e.data.get("input", {}).get("query", "")).startswith("UPDATE"))
         print(f"result: {result}; delivered {delivered}/{count} in {groups} checkpointed groups of <= {GROUP}; "
               f"broker holds {len(broker.messages)} messages from {broker.publishes} publishes", file=out)
         print(await render_instance(runtime.client, instance_id), file=out)

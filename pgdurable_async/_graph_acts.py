@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import decimal
+import math
 import os
 import time
 import uuid
@@ -31,11 +32,13 @@ from ._graph_run import (
     Observer,
     run_graph_input,
 )
+from ._graph_sql import COLUMNS_KEY
 from ._types import RetryPolicy
 
 HTTP_ALLOW_ENV = "PGDURABLE_HTTP_ALLOW"
 GRAPH_ATTR = "__pgdurable_graph__"
 _http_allow: set[str] = set()
+_ERROR_PREVIEW = 512  # characters of a 5xx body kept in the error
 SQL_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, backoff=2.0, max_interval=5.0,
                         non_retryable=("GraphError",))
 HTTP_RETRY = RetryPolicy(max_attempts=3, initial_interval=1.0, non_retryable=("HttpNotAllowed", "GraphError"))
@@ -43,6 +46,10 @@ HTTP_RETRY = RetryPolicy(max_attempts=3, initial_interval=1.0, non_retryable=("H
 
 class HttpNotAllowed(PgDurableError):
     """The HTTP node's host is not on the allow-list (deny by default)."""
+
+
+class HttpServerError(PgDurableError):
+    """The server answered 5xx: the attempt fails and is retried (4xx responses complete)."""
 
 
 def allow_http(*hosts: str) -> None:
@@ -71,19 +78,30 @@ async def sql_node(ctx: TransactionContext, data: dict[str, Any]) -> dict[str, A
     await conn.execute("SELECT set_config('search_path', $1, true)", data.get("search_path") or "public")
     stmt = await conn.prepare(data["query"])
     records = await stmt.fetch(*data.get("params", []))
-    status = stmt.get_statusmsg() or ""
-    columns = [{"name": a.name, "type": _type_name(a.type)} for a in stmt.get_attributes()]
+    result = rows_result(stmt.get_attributes(), records)
     if data.get("role") and await conn.fetchval("SELECT current_user") != data["role"]:
         raise GraphError(f"the statement of node {data.get('node')} changed the role; it was rolled back")
     await conn.execute("SELECT set_config('role', 'none', true)")
     await conn.execute("SELECT set_config('search_path', $1, true)", saved_path)
-    last = status.rsplit(" ", 1)[-1]
-    return {
-        "columns": columns,
-        "rows": [[_json_value(v) for v in r] for r in records],
-        "command": status.split(" ", 1)[0] if status else "",
-        "rowcount": int(last) if last.isdigit() else len(records),
-    }
+    return result
+
+
+def rows_result(attributes: Any, records: list[asyncpg.Record]) -> dict[str, Any]:
+    """pg_durable's result shape, ``{"rows": [{column: value}], "row_count": n}``, plus column types.
+
+    ``row_count`` counts the returned rows (0 for DML without RETURNING), as in pg_durable.
+    A repeated column name keeps its first position and its last value.
+    """
+    types: dict[str, str] = {}
+    for a in attributes:
+        types[a.name] = _type_name(a.type)
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        row: dict[str, Any] = {}
+        for a, v in zip(attributes, record.values(), strict=True):
+            row[a.name] = _json_value(v)
+        rows.append(row)
+    return {"rows": rows, "row_count": len(rows), COLUMNS_KEY: [[n, t] for n, t in types.items()]}
 
 
 def _type_name(t: Any) -> str:
@@ -92,12 +110,15 @@ def _type_name(t: Any) -> str:
 
 
 def _json_value(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str, dict)):
+    """A column value as pg_durable encodes it: numeric as an exact string, NaN/Infinity as null."""
+    if v is None or isinstance(v, (bool, int, str, dict)):
         return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
     if isinstance(v, decimal.Decimal):
-        if v.is_finite() and v == v.to_integral_value():
-            return int(v)
-        return float(v)
+        return str(v)
+    if isinstance(v, _dt.datetime) and v.tzinfo is not None:
+        return v.astimezone(_dt.UTC).isoformat()
     if isinstance(v, (_dt.datetime, _dt.date, _dt.time)):
         return v.isoformat()
     if isinstance(v, _dt.timedelta):
@@ -134,10 +155,14 @@ async def http_node(ctx: ActivityContext, data: dict[str, Any]) -> dict[str, Any
         )
     content_type = response.headers.get("content-type", "")
     textual = content_type.startswith("text/") or "json" in content_type or "xml" in content_type or not content_type
+    body_text = response.text if textual else base64.b64encode(response.content).decode()
+    if response.is_server_error:
+        raise HttpServerError(f"HTTP {response.request.method} {data['url']} returned {response.status_code}: "
+                              f"{body_text[:_ERROR_PREVIEW]}")
     return {
         "status": response.status_code,
         "ok": response.is_success,
-        "body": response.text if textual else base64.b64encode(response.content).decode(),
+        "body": body_text,
         "encoding": "text" if textual else "base64",
         "headers": dict(response.headers),
         "duration_ms": round((time.monotonic() - started) * 1000, 1),

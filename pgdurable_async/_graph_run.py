@@ -19,7 +19,7 @@ from typing import Any
 from ._context import ContinueAsNew, OrchestrationContext
 from ._errors import TimeoutError as DurableTimeout
 from ._graph import GraphError, compile_graph
-from ._graph_sql import ReferenceError_, is_rows, rewrite, scalar, substitute_text
+from ._graph_sql import COLUMNS_KEY, ReferenceError_, columns_of, is_rows, public, rewrite, scalar, substitute_text
 
 GRAPH_ORCHESTRATION = "pgdurable.graph"
 SQL_ACTIVITY = "pgdurable.graph.sql"
@@ -37,20 +37,33 @@ class BreakLoop(Exception):  # noqa: N818 - control flow
 
 
 def truthy(value: Any) -> bool:
-    """pg_durable's truthiness: first column of the first row of a rows result."""
+    """pg_durable's condition rule: the first column of the first row of a rows result (no rows: false)."""
     if is_rows(value):
-        if not value["rows"] or not value["rows"][0]:
+        if not value["rows"]:
             return False
-        value = value["rows"][0][0]
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
+        columns = columns_of(value)
+        if columns and isinstance(value["rows"][0], dict):
+            value = value["rows"][0].get(columns[0][0])
+    return _truthy_value(value)
+
+
+def _truthy_value(value: Any) -> bool:
+    """false, 0, '', null, [], {} and the strings false/f/no or a zero number are falsy."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
     if isinstance(value, (int, float)):
         return value != 0
-    if isinstance(value, str):
-        return value.strip().lower() not in ("", "false", "f", "no", "0", "off", "n")
-    return bool(value)
+    if not isinstance(value, str):
+        return bool(value)
+    text = value.strip().lower()
+    if text in ("", "false", "f", "no"):
+        return False
+    if text in ("true", "t", "yes") or "_" in text:
+        return True
+    try:
+        return float(text) != 0
+    except ValueError:
+        return True
 
 
 class Interpreter:
@@ -62,13 +75,16 @@ class Interpreter:
         *,
         bound: dict[str, Any] | None = None,
         variables: dict[str, str] | None = None,
+        label: str | None = None,
         role: str | None = None,
         search_path: str | None = None,
         observer: Observer | None = None,
     ) -> None:
         self.ctx = ctx
         self.bound: dict[str, Any] = dict(bound or {})
-        self.variables = dict(variables or {})
+        self.label = label
+        # pg_durable's system variables win over df.setvar variables of the same name
+        self.variables = {**(variables or {}), "sys_instance_id": ctx.instance_id, "sys_label": label or ""}
         self.role = role
         self.search_path = search_path or DEFAULT_SEARCH_PATH
         self.observer = observer
@@ -81,7 +97,7 @@ class Interpreter:
     async def run_root(self, tree: dict[str, Any], carry: dict[str, Any], resume: dict[str, Any] | None) -> Any:
         """Run the root; ``carry`` is the input a spine loop continues as new with."""
         if tree["type"] == "loop":
-            return await self._spine_loop(tree, carry, resume)
+            return public(await self._spine_loop(tree, carry, resume))
         if tree["type"] == "seq":
             self._mark(tree, "running")
             result: Any = None
@@ -96,8 +112,8 @@ class Interpreter:
                     result = await self.run(step)
                 skipping = False
             self._mark(tree, "completed")
-            return result
-        return await self.run(tree)
+            return public(result)
+        return public(await self.run(tree))
 
     def _mark_done_subtree(self, node: dict[str, Any]) -> None:
         from ._graph import walk
@@ -176,7 +192,7 @@ class Interpreter:
             value = await self.run(node["cond"])
         else:
             value = self.bound.get(node["name"])
-        has_rows = bool(value["rows"]) if is_rows(value) else bool(value)
+        has_rows = value["row_count"] > 0 if is_rows(value) else bool(value)
         chosen = node["then"] if has_rows else node.get("else")
         return None if chosen is None else await self.run(chosen)
 
@@ -202,8 +218,9 @@ class Interpreter:
         raise BreakLoop(node.get("value"))
 
     async def _sleep(self, node: dict[str, Any]) -> Any:
-        await self.ctx.sleep(timedelta(seconds=float(node["seconds"])))
-        return None
+        seconds = float(node["seconds"])
+        await self.ctx.sleep(timedelta(seconds=seconds))
+        return {"slept": True, "seconds": int(seconds) if seconds.is_integer() else seconds}
 
     async def _wait_for_schedule(self, node: dict[str, Any]) -> Any:
         from cronsim import CronSim
@@ -213,7 +230,7 @@ class Interpreter:
         if fire_at <= now:
             fire_at = next(CronSim(node["cron"], fire_at))
         await self.ctx.sleep(fire_at - now)
-        return {"scheduled_for": fire_at.isoformat()}
+        return {"scheduled": True}
 
     async def _wait_for_signal(self, node: dict[str, Any]) -> Any:
         name = node["name"]
@@ -238,6 +255,9 @@ class Interpreter:
                        for k, v in (node.get("headers") or {}).items()}
         except ReferenceError_ as exc:
             raise GraphError(str(exc), node_id=node["id"]) from None
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in ("http", "https"):
+            raise GraphError(f"{url!r} is not an http(s) URL (after variable substitution)", node_id=node["id"])
         return await self.ctx.call_activity(
             HTTP_ACTIVITY,
             {"node": node["id"], "url": url, "method": node.get("method", "POST"), "body": body,
@@ -259,7 +279,7 @@ class Interpreter:
             if len(refs) == 1 and refs[0].start == 0 and refs[0].end == len(value) and refs[0].column != "*":
                 ref = refs[0]
                 if ref.column is None and not ref.null_safe and ref.name in self.bound:
-                    return self.bound[ref.name]
+                    return public(self.bound[ref.name])
                 try:
                     return scalar(self.bound, ref)[0]
                 except ReferenceError_ as exc:
@@ -275,12 +295,9 @@ class Interpreter:
         source: Any = self.bound.get(node["over"])
         plain: list[Any]
         if is_rows(source):
-            names = [c["name"] for c in source["columns"]]
-            items: list[Any] = [
-                {"columns": source["columns"], "rows": [row], "command": "SELECT", "rowcount": 1}
-                for row in source["rows"]
-            ]
-            plain = [dict(zip(names, row, strict=False)) for row in source["rows"]]
+            meta = [[c, t] for c, t in columns_of(source)]
+            items: list[Any] = [{"rows": [row], "row_count": 1, COLUMNS_KEY: meta} for row in source["rows"]]
+            plain = list(source["rows"])
         else:
             plain = list(source) if isinstance(source, list) else [source]
             items = plain
@@ -288,7 +305,7 @@ class Interpreter:
 
         async def one(index: int) -> Any:
             scope = Interpreter(self.ctx, bound={**self.bound, alias: items[index]}, variables=self.variables,
-                                role=self.role, search_path=self.search_path, observer=self.observer)
+                                label=self.label, role=self.role, search_path=self.search_path, observer=self.observer)
             if step["type"] == "activity" and step.get("input") is None:
                 scope._mark(step, "running")
                 result = await self.ctx.call_activity(step["name"], plain[index])
@@ -306,7 +323,7 @@ async def run_graph_input(ctx: OrchestrationContext, data: Any, observer: Observ
         raise GraphError("pgdurable.graph needs an input object with a 'graph'")
     bound = data.get("bound") or {}
     tree = compile_graph(data["graph"], bound=frozenset(bound))
-    interp = Interpreter(ctx, bound=bound, variables=data.get("vars"), role=data.get("role"),
+    interp = Interpreter(ctx, bound=bound, variables=data.get("vars"), label=data.get("label"), role=data.get("role"),
                          search_path=data.get("search_path"), observer=observer)
     carry = {k: v for k, v in data.items() if k not in ("bound", "resume")}
     return await interp.run_root(tree, carry, data.get("resume"))

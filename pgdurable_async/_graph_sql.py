@@ -1,16 +1,21 @@
-"""Named-result references in SQL text, rewritten to bind parameters.
+"""Named-result references and ``{var}`` variables in SQL text.
 
-The tokenizer (``_graph_tokens``) finds ``$name``, ``$name.column``,
-``$name?``, ``$name.column?`` and ``$name.*`` outside quoted text, dollar-quoted
-bodies and comments.  :func:`rewrite` replaces each with ``$1 .. $n`` (typed by a cast
-from text) or, for ``$name.*``, with a parameterised ``jsonb_to_recordset``
-row set; ``{var}`` variables (``df.setvar``) become parameters too, even inside
-string literals (the literal is split into a concatenation).  No bound value is
-ever part of the statement text, so quotes in a value cannot change it.
+``{var}`` (a ``df.setvar`` variable, or the system variables ``{sys_instance_id}``
+and ``{sys_label}``) is replaced by its value as raw text anywhere in the
+statement, as pg_durable does: variables are SQL fragments (table names, limits)
+owned by the role that runs the statement.  The tokenizer (``_graph_tokens``) then
+finds ``$name``, ``$name.column``, ``$name?``, ``$name.column?`` and ``$name.*``
+outside quoted text, dollar-quoted bodies and comments, and :func:`rewrite`
+replaces each with ``$1 .. $n`` (typed by a cast from text) or, for ``$name.*``,
+with a parameterised ``jsonb_to_recordset`` row set: no bound result is ever part
+of the statement text.
 
-A *rows result* (what a SQL node returns) is ``{"columns": [{"name", "type"}],
-"rows": [[...]], "command", "rowcount"}``; any other bound value is a *document*
-(signal, HTTP envelope, sub-workflow or activity output).
+A *rows result* (what a SQL node returns) has pg_durable's shape,
+``{"rows": [{column: value}], "row_count": n}``, plus the private key
+:data:`COLUMNS_KEY` (``[[name, type], ...]``: the column order and types, which
+jsonb storage would lose); :func:`public` drops it from what users read.  Any
+other bound value is a *document* (signal, HTTP envelope, sub-workflow or
+activity output).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import orjson
 
 from ._graph_tokens import IDENT, TEXT_REF, Ref, needs_select, parse_ref, tokens
 
+COLUMNS_KEY = "_pgdurable_columns"
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SAFE_TYPE = re.compile(r'^(?:"[^"\x00]+"\.)?"[^"\x00]+"$|^[a-z][a-z0-9_ ]*$')
 # Words that may follow a FROM item when the user wrote no alias for ``$name.*``.
@@ -37,7 +43,29 @@ class ReferenceError_(Exception):  # noqa: N801 - internal, wrapped into GraphEr
 
 # -- values ----------------------------------------------------------------------------
 def is_rows(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("columns"), list) and isinstance(value.get("rows"), list)
+    """Whether ``value`` is a SQL node's result (it has ``rows`` and ``row_count``)."""
+    return (isinstance(value, dict) and isinstance(value.get("rows"), list)
+            and isinstance(value.get("row_count"), int))
+
+
+def columns_of(value: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(column, type)] of a rows result, in select-list order."""
+    meta = value.get(COLUMNS_KEY)
+    if isinstance(meta, list):
+        return [(str(c[0]), str(c[1])) for c in meta]
+    rows = value["rows"]
+    if not rows or not isinstance(rows[0], dict):  # a result from elsewhere: infer from the first row
+        return []
+    return [(k, json_type(v)) for k, v in rows[0].items()]
+
+
+def public(value: Any) -> Any:
+    """``value`` without the private column metadata of the rows results in it."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items() if k != COLUMNS_KEY}
+    if isinstance(value, list):
+        return [public(v) for v in value]
+    return value
 
 
 def json_type(value: Any) -> str:
@@ -60,50 +88,50 @@ def as_text(value: Any, type_name: str) -> str | None:
         return "true" if value else "false"
     if isinstance(value, str):
         return value
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
     return orjson.dumps(value).decode()
+
+
+def _missing(ref: Ref, why: str) -> tuple[Any, str]:
+    if ref.null_safe:
+        return None, "text"
+    raise ReferenceError_(why)
+
+
+def _not_null(ref: Ref, value: Any, type_name: str) -> tuple[Any, str]:
+    if value is None and not ref.null_safe:
+        raise ReferenceError_(f"${ref.name}{'.' + ref.column if ref.column else ''} is NULL")
+    return value, type_name
 
 
 def scalar(bound: dict[str, Any], ref: Ref) -> tuple[Any, str]:
     """(value, type) that ``$name`` / ``$name.column`` (``?``: null-safe) stands for."""
     if ref.name not in bound:
-        if ref.null_safe:
-            return None, "text"
-        raise ReferenceError_(f"${ref.name} is not bound")
+        return _missing(ref, f"${ref.name} is not bound")
     value = bound[ref.name]
     if is_rows(value):
-        cols = [c["name"] for c in value["columns"]]
-        if not value["rows"]:
-            if ref.null_safe:
-                return None, "text"
-            raise ReferenceError_(f"${ref.name} has no rows")
-        index = 0
-        if ref.column is not None:
-            if ref.column not in cols:
-                first = value["rows"][0][0] if len(cols) == 1 else None
-                if isinstance(first, dict) and ref.column in first:  # a field of a composite / JSON column
-                    cell = first[ref.column]
-                    if cell is None and not ref.null_safe:
-                        raise ReferenceError_(f"${ref.name}.{ref.column} is NULL")
-                    return cell, json_type(cell)
-                raise ReferenceError_(f"${ref.name} has no column {ref.column!r} (columns: {', '.join(cols)})")
-            index = cols.index(ref.column)
-        elif not cols:
-            raise ReferenceError_(f"${ref.name} has no columns")
-        cell = value["rows"][0][index]
-        if cell is None and not ref.null_safe:
-            raise ReferenceError_(f"${ref.name}{'.' + ref.column if ref.column else ''} is NULL")
-        return cell, str(value["columns"][index]["type"])
+        return _cell(value, ref)
     if ref.column is not None:
         if not isinstance(value, dict) or ref.column not in value:
-            if ref.null_safe:
-                return None, "text"
-            raise ReferenceError_(f"${ref.name} has no field {ref.column!r}")
+            return _missing(ref, f"${ref.name} has no field {ref.column!r}")
         value = value[ref.column]
-    if value is None and not ref.null_safe:
-        raise ReferenceError_(f"${ref.name}{'.' + ref.column if ref.column else ''} is NULL")
-    return value, json_type(value)
+    return _not_null(ref, value, json_type(value))
+
+
+def _cell(value: dict[str, Any], ref: Ref) -> tuple[Any, str]:
+    """Column ``ref.column`` (or the first column) of the first row of a rows result."""
+    if not value["rows"]:
+        return _missing(ref, f"${ref.name} has no rows")
+    row = value["rows"][0]
+    types = dict(columns_of(value))
+    if not types:
+        raise ReferenceError_(f"${ref.name} has no columns")
+    if ref.column is None or ref.column in types:
+        column = ref.column or next(iter(types))
+        return _not_null(ref, row.get(column), types[column])
+    first = row.get(next(iter(types))) if len(types) == 1 else None
+    if isinstance(first, dict) and ref.column in first:  # a field of a composite / JSON column
+        return _not_null(ref, first[ref.column], json_type(first[ref.column]))
+    raise ReferenceError_(f"${ref.name} has no column {ref.column!r} (columns: {', '.join(types)})")
 
 
 def rowset(bound: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -112,9 +140,7 @@ def rowset(bound: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list
         raise ReferenceError_(f"${name} is not bound")
     value = bound[name]
     if is_rows(value):
-        names = _unique([c["name"] for c in value["columns"]])
-        types = [str(c["type"]) for c in value["columns"]]
-        return [dict(zip(names, row, strict=False)) for row in value["rows"]], list(zip(names, types, strict=True))
+        return list(value["rows"]), columns_of(value)
     items = value if isinstance(value, list) else [value]
     objects = [v if isinstance(v, dict) else {"value": v} for v in items]
     columns: dict[str, str] = {}
@@ -125,16 +151,6 @@ def rowset(bound: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list
     return objects, list(columns.items())
 
 
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        count = seen.get(name, 0)
-        seen[name] = count + 1
-        out.append(name if count == 0 else f"{name}_{count}")
-    return out
-
-
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -143,6 +159,26 @@ def _type(type_name: str) -> str:
     if not _SAFE_TYPE.match(type_name):
         raise ReferenceError_(f"unsupported column type {type_name!r}")
     return type_name
+
+
+# -- variables ----------------------------------------------------------------------------
+def substitute_vars(text: str, variables: dict[str, str]) -> str:
+    """``{name}`` replaced by its value as raw text, in one left-to-right pass, as in pg_durable.
+
+    Braces around an unknown name stay as written, and an inserted value is not
+    scanned again.  Unlike pg_durable, a ``{`` before something that is not an
+    identifier is skipped alone, so ``{"id": "{user}"}`` substitutes ``{user}``.
+    """
+    out: list[str] = []
+    pos = 0
+    for m in _VAR.finditer(text):
+        value = variables.get(m[1])
+        if value is not None:
+            out.append(text[pos:m.start()])
+            out.append(value)
+            pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
 
 
 # -- rewriting ----------------------------------------------------------------------------
@@ -159,11 +195,11 @@ class _Params:
 
 
 def rewrite(sql: str, bound: dict[str, Any], variables: dict[str, str] | None = None) -> tuple[str, list[str | None]]:
-    """``sql`` with references and ``{var}`` variables replaced by bind parameters.
+    """``sql`` with ``{var}`` variables substituted and references replaced by bind parameters.
 
     Returns the statement and its parameters (text, or None for NULL).
     """
-    variables = variables or {}
+    sql = substitute_vars(sql, variables or {})
     params = _Params()
     out: list[str] = []
     spans = list(tokens(sql))
@@ -173,48 +209,18 @@ def rewrite(sql: str, bound: dict[str, Any], variables: dict[str, str] | None = 
         piece = sql[s:e]
         if kind == "param":
             raise ReferenceError_(f"positional parameter {piece} is not allowed; use $name references")
-        if kind == "ref":
-            ref = parse_ref(sql, s, e)
-            following = sql[e:].lstrip()
-            if ref.column == "*":
-                out.append(_rowset_sql(bound, ref, params, _needs_alias(spans, pos, sql)))
-                continue
-            value, type_name = scalar(bound, ref)
-            type_name = _type(type_name)
-            k = params.add(("ref", ref.name, ref.column, ref.null_safe), as_text(value, type_name))
-            out.append(f"(${k}::text)" if following.startswith("::") else f"(${k}::text::{type_name})")
-        elif kind in ("code",):
-            out.append(_VAR.sub(lambda m: _var_param(m, variables, params, literal=None), piece))
-        elif kind in ("string", "estring"):
-            out.append(_literal_with_vars(piece, kind == "estring", variables, params))
-        else:
+        if kind != "ref":
             out.append(piece)
-    return "".join(out), params.values
-
-
-def _var_param(match: re.Match[str], variables: dict[str, str], params: _Params, literal: str | None) -> str:
-    name = match[1]
-    if name not in variables:
-        return match[0]
-    k = params.add(("var", name), variables[name])
-    return f"(${k}::text)"
-
-
-def _literal_with_vars(piece: str, escaped: bool, variables: dict[str, str], params: _Params) -> str:
-    body = piece[2:-1] if escaped else piece[1:-1]
-    if not any(m[1] in variables for m in _VAR.finditer(body)):
-        return piece
-    prefix = "E'" if escaped else "'"
-    parts: list[str] = []
-    last = 0
-    for m in _VAR.finditer(body):
-        if m[1] not in variables:
             continue
-        parts.append(f"{prefix}{body[last:m.start()]}'")
-        parts.append(f"(${params.add(('var', m[1]), variables[m[1]])}::text)")
-        last = m.end()
-    parts.append(f"{prefix}{body[last:]}'")
-    return "(" + " || ".join(parts) + ")"
+        ref = parse_ref(sql, s, e)
+        if ref.column == "*":
+            out.append(_rowset_sql(bound, ref, params, _needs_alias(spans, pos, sql)))
+            continue
+        value, type_name = scalar(bound, ref)
+        type_name = _type(type_name)
+        k = params.add(("ref", ref.name, ref.column, ref.null_safe), as_text(value, type_name))
+        out.append(f"(${k}::text)" if sql[e:].lstrip().startswith("::") else f"(${k}::text::{type_name})")
+    return "".join(out), params.values
 
 
 def _needs_alias(spans: list[tuple[str, int, int]], pos: int, sql: str) -> bool:
@@ -245,7 +251,7 @@ def _rowset_sql(bound: dict[str, Any], ref: Ref, params: _Params, alias: bool) -
 
 
 def substitute_text(text: str, bound: dict[str, Any], variables: dict[str, str] | None = None) -> str:
-    """``$name`` / ``{var}`` substitution in non-SQL text (HTTP URL, body, headers)."""
+    """``{var}`` then ``$name`` substitution in non-SQL text (HTTP URL, body, headers)."""
 
     def ref_value(m: re.Match[str]) -> str:
         ref = Ref(m[1], m[2], bool(m[3]), m.start(), m.end())
@@ -256,6 +262,4 @@ def substitute_text(text: str, bound: dict[str, Any], variables: dict[str, str] 
             return "null"
         return value if isinstance(value, str) else orjson.dumps(value).decode()
 
-    variables = variables or {}
-    text = TEXT_REF.sub(ref_value, text)
-    return _VAR.sub(lambda m: variables.get(m[1], m[0]), text)
+    return TEXT_REF.sub(ref_value, substitute_vars(text, variables or {}))

@@ -270,13 +270,13 @@ BEGIN
     RETURN jsonb_build_object('type', 'wait_for_signal', 'name', name, 'timeout', timeout_seconds)::text;
 END $$;
 
--- The URL may start with a {var} or $name placeholder, substituted when the node runs
--- (the worker checks the final URL).
+-- A URL holding a {var} or $name placeholder is checked when the node runs, after
+-- substitution (as pg_durable checks only URLs without '{').
 CREATE OR REPLACE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL,
                                    headers jsonb DEFAULT NULL, timeout_seconds integer DEFAULT 30) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    IF url IS NULL OR url !~* '^(https?://|\{[A-Za-z_][A-Za-z0-9_]*\}|\$[A-Za-z_])' THEN
+    IF url IS NULL OR (url !~* '^https?://' AND url !~ '\{[A-Za-z_][A-Za-z0-9_]*\}|^\$[A-Za-z_]') THEN
         RAISE EXCEPTION 'df.http: % is not an http(s) URL', coalesce(url, 'NULL');
     END IF;
     IF upper(coalesce(method, 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD') THEN
@@ -806,7 +806,11 @@ BEGIN
     LEFT JOIN LATERAL (
         SELECT CASE d.event_type WHEN 'activity_completed' THEN 'completed'
                                  WHEN 'activity_failed' THEN 'failed' ELSE 'running' END AS status,
-               coalesce(d.payload->'result', d.payload->'error')::text AS result,
+               -- a SQL node's result without the interpreter's private column types
+               coalesce(CASE jsonb_typeof(d.payload->'result')
+                             WHEN 'object' THEN (d.payload->'result') - '_pgdurable_columns'
+                             ELSE d.payload->'result' END,
+                        d.payload->'error')::text AS result,
                jsonb_build_object('execution_id', h.instance_id || '::' || h.execution_id,
                                   'task_id', h.payload->'task_id')::text AS details,
                coalesce(d.recorded_at, h.recorded_at) AS at,

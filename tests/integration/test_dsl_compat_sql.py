@@ -221,7 +221,7 @@ async def test_role_names_that_need_quoting(dsn: str, odd_roles: tuple[str, str]
                 assert await conn.fetchval("SELECT df.setvar('who', 'me')") == "OK"
                 assert await conn.fetchval("SELECT df.getvar('who')") == "me"
                 assert await conn.fetchval("SELECT count(*) FROM df.vars") == 1
-                instance_id = await conn.fetchval("SELECT df.start('SELECT current_user AS u, {who} AS w')")
+                instance_id = await conn.fetchval("SELECT df.start('SELECT current_user AS u, ''{who}'' AS w')")
                 assert await conn.fetchval("SELECT df.await_instance($1, 30)", instance_id) == "completed"
                 result = await conn.fetchval("SELECT df.result($1)", instance_id)
                 assert name in result and "me" in result  # ran as the role, with its variable

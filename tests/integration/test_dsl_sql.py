@@ -55,7 +55,9 @@ async def environment(dsn: str) -> AsyncIterator[Env]:
 
 
 def cell(out: dict[str, Any]) -> Any:
-    return out["rows"][0][0]
+    """The only value of a one-column result (pg_durable's shape: rows of objects)."""
+    (value,) = out["rows"][0].values()
+    return value
 
 
 # -- grammar.md: sequence, join, race --------------------------------------------------------
@@ -87,7 +89,7 @@ async def test_race_first_wins(dsn: str) -> None:
         out = await env.runtime.client.wait(instance_id, timeout=30)
         assert out["signal_name"] == "cancel" and out["timed_out"] is False
         out = await env.run("df.race(df.sleep(0.2), df.wait_for_signal('never'))")
-        assert out is None  # the timer won
+        assert out == {"slept": True, "seconds": 0.2}  # the timer won
 
 
 # -- binding with every reference form --------------------------------------------------------
@@ -103,19 +105,19 @@ async def test_bind_and_reference_forms(dsn: str) -> None:
             "'SELECT id FROM users LIMIT 1' |=> 'user_id'\n"
             "~> 'SELECT * FROM orders WHERE user_id = $user_id'"
         )
-        assert [r[0] for r in out["rows"]] == [1, 2]
+        assert [r["id"] for r in out["rows"]] == [1, 2] and out["row_count"] == 2
         # $name.column
         out = await env.run("df.as('SELECT id, email FROM users ORDER BY id', 'u') ~> 'SELECT $u.email'")
         assert cell(out) == "a@x"
         out = await env.run(
-            "'SELECT id FROM users WHERE false' |=> 'none' ~> 'SELECT $none? IS NULL, $none.id? IS NULL'"
+            "'SELECT id FROM users WHERE false' |=> 'none' ~> 'SELECT $none? IS NULL AS a, $none.id? IS NULL AS b'"
         )
-        assert out["rows"] == [[True, True]]  # $name? / $name.column?: NULL on no rows
+        assert out["rows"] == [{"a": True, "b": True}]  # $name? / $name.column?: NULL on no rows
         out = await env.run(
             "'SELECT id, active FROM users ORDER BY id' |=> 'all_users'"
             " ~> 'SELECT sum(id) AS s, count(*) FILTER (WHERE active) AS a FROM $all_users.*'"
         )
-        assert out["rows"] == [[15, 1]]  # $name.*: a typed row set
+        assert out["rows"] == [{"s": 15, "a": 1}]  # $name.*: a typed row set
         with pytest.raises(pgd.InstanceFailed, match="no rows"):
             await env.run("'SELECT id FROM users WHERE false' |=> 'none' ~> 'SELECT $none'")
 
@@ -136,7 +138,7 @@ async def test_bound_values_are_parameters_never_spliced(dsn: str) -> None:
         await env.conn.execute("SELECT df.setvar('sku', $1)", "W' OR '1'='1")
         await env.conn.execute("CREATE TABLE products (sku text); INSERT INTO products VALUES ('WIDGET-001')")
         out = await env.run("'SELECT count(*) FROM products WHERE sku = ''{sku}'''")
-        assert cell(out) == 0  # the variable is a parameter inside the literal, not text
+        assert cell(out) == 1  # {var} is raw SQL text, as in pg_durable: the variable's quotes are SQL
         await env.conn.execute("SELECT df.setvar('sku', 'WIDGET-001')")
         assert cell(await env.run("'SELECT count(*) FROM products WHERE sku = ''{sku}'''")) == 1
         assert await env.val("SELECT df.getvar('sku')") == "WIDGET-001"
@@ -305,8 +307,8 @@ async def test_status_result_list(dsn: str) -> None:
         instance_id = await env.start("'SELECT 42 AS answer', 'my-job'")
         assert await env.val("SELECT df.await_instance($1, 30)", instance_id) == "completed"
         assert await env.val("SELECT df.status($1)", instance_id) == "completed"
-        result = await env.val("SELECT df.result($1)", instance_id)  # text, as in pg_durable
-        assert isinstance(result, str) and "42" in result
+        assert await env.val("SELECT df.result($1)::jsonb->'rows'->0->>'answer'", instance_id) == "42"
+        assert await env.val("SELECT df.result($1)::text", instance_id) == '{"rows": [{"answer": 42}], "row_count": 1}'
         assert await env.val("SELECT df.status('nope')") is None
         row = await env.conn.fetchrow("SELECT * FROM df.list_instances() WHERE label = 'my-job'")
         assert row["instance_id"] == instance_id and row["status"] == "completed"

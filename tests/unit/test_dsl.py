@@ -10,13 +10,15 @@ from pgdurable_async import dsl
 from pgdurable_async._graph import GraphError, compile_graph, walk
 from pgdurable_async._graph_mermaid import to_mermaid
 from pgdurable_async._graph_run import truthy
-from pgdurable_async._graph_sql import ReferenceError_, rewrite, substitute_text
+from pgdurable_async._graph_sql import COLUMNS_KEY, ReferenceError_, public, rewrite, substitute_text, substitute_vars
 from pgdurable_async._graph_tokens import needs_select, references
 
 
 def rows(columns: list[tuple[str, str]], *data: list[Any]) -> dict[str, Any]:
-    return {"columns": [{"name": n, "type": t} for n, t in columns], "rows": list(data),
-            "command": "SELECT", "rowcount": len(data)}
+    """A SQL node's result: pg_durable's shape plus the private column types."""
+    names = [n for n, _ in columns]
+    return {"rows": [dict(zip(names, row, strict=True)) for row in data], "row_count": len(data),
+            COLUMNS_KEY: [[n, t] for n, t in columns]}
 
 
 # -- dsl ------------------------------------------------------------------------------------------
@@ -129,10 +131,26 @@ def test_rewrite_documents_and_variables() -> None:
     sql, params = rewrite("SELECT $sig.timed_out, $sig.by, $sig.data", bound)
     assert sql == "SELECT ($1::text::boolean), ($2::text::text), ($3::text::jsonb)"
     assert params == ["false", "o'neil", '{"k":1}']
-    sql, params = rewrite("SELECT * FROM p WHERE sku = '{sku}' AND n = {n} AND z = '{unknown}'",
-                          {}, {"sku": "W' OR '1'='1", "n": "3"})
-    assert sql == "SELECT * FROM p WHERE sku = ('' || ($1::text) || '') AND n = ($2::text) AND z = '{unknown}'"
-    assert params == ["W' OR '1'='1", "3"]
+    sql, params = rewrite("SELECT * FROM {tbl} WHERE sku = '{sku}' LIMIT {n}::int -- {z} '{unknown}'",
+                          {}, {"tbl": "public.p", "sku": "W-1", "n": "3", "z": "zz"})
+    assert sql == "SELECT * FROM public.p WHERE sku = 'W-1' LIMIT 3::int -- zz '{unknown}'"  # raw text, anywhere
+    assert params == []
+
+
+def test_variables_follow_pg_durable_scan() -> None:
+    variables = {"a": "A", "b": "{a}", "sys_label": "L"}
+    assert substitute_vars("{a}{b}{ a}{1x}{nope}{sys_label}", variables) == "A{a}{ a}{1x}{nope}L"
+    assert substitute_vars('{"k": {a}} {a', variables) == '{"k": A} {a'  # pg_durable would leave this {a}
+    bound = {"r": rows([("id", "integer")], [5])}
+    assert rewrite("SELECT {col} FROM t", bound, {"col": "$r"}) == ("SELECT ($1::text::integer) FROM t", ["5"])
+
+
+def test_rows_result_shape() -> None:
+    result = rows([("answer", '"pg_catalog"."int4"'), ("b", "text")], [42, "x"])
+    assert public(result) == {"rows": [{"answer": 42, "b": "x"}], "row_count": 1}
+    assert public([result]) == [{"rows": [{"answer": 42, "b": "x"}], "row_count": 1}]
+    plain = {"rows": [{"z": 1, "a": 2}], "row_count": 1}  # without column metadata: first key
+    assert rewrite("SELECT $p, $p.a", {"p": plain}) == ("SELECT ($1::text::numeric), ($2::text::numeric)", ["1", "2"])
 
 
 def test_expression_nodes_get_select() -> None:
@@ -152,7 +170,8 @@ def test_substitute_text_for_http() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(True, True), (False, False), (0, False), (2.5, True), ("yes", True), ("f", False), ("", False),
-     ("0", False), (None, False), ([], False), ({"a": 1}, True)],
+     ("0", False), (" No ", False), ("0.0", False), ("off", True), ("n", True), ("abc", True), ("1e3", True),
+     (None, False), ([], False), ({"a": 1}, True)],
 )
 def test_truthiness(value: Any, expected: bool) -> None:
     assert truthy(rows([("v", "text")], [value])) is expected
