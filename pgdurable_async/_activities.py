@@ -10,6 +10,7 @@ and ack inside it: their SQL and their completion commit together.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import math
 import uuid
@@ -23,7 +24,7 @@ import orjson
 
 from . import _events as ev
 from ._app import ActivityContext, ActivityDef, App, TransactionContext
-from ._errors import DatabaseError, SerializationError
+from ._errors import Cancelled, DatabaseError, SerializationError
 from ._serde import DEFAULT_MAX_PAYLOAD_BYTES, encode, error_payload
 from ._sql import q
 from ._store import Database
@@ -147,11 +148,15 @@ class ActivityWorker:
             if definition.timeout is None:  # a cancel scope per call is not free: only when needed
                 await self._attempt(definition, item)
             else:
-                with anyio.fail_after(definition.timeout):
+                with anyio.move_on_after(definition.timeout) as scope:
                     await self._attempt(definition, item)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:  # noqa: BLE001 - the activity's failure is data
+                if scope.cancelled_caught:
+                    raise builtins.TimeoutError(f"the attempt ran longer than its timeout of {definition.timeout:g} s")
+        except anyio.get_cancelled_exc_class() as exc:
+            if _runtime_is_cancelling():
+                raise  # shutdown: the item's lease is released or expires
+            self._finish(self._failure(definition, item, exc))  # the activity raised it itself
+        except (Exception, SystemExit, Cancelled) as exc:  # noqa: BLE001 - the activity's failure is data
             self._finish(self._failure(definition, item, exc))
 
     async def _attempt(self, definition: ActivityDef, item: WorkItem) -> None:
@@ -287,3 +292,9 @@ class _Unencodable(Exception):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__("activity result could not be encoded")
         self.outcome = outcome
+
+
+def _runtime_is_cancelling() -> bool:
+    """True when this task is being cancelled (rather than user code raising CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

@@ -147,9 +147,11 @@ class SubOrchestrationError(PgDurableError):
     """A child orchestration failed; ``error`` holds its recorded failure."""
 
     def __init__(self, message: str = "", *, instance_id: str = "", error: Any = None) -> None:
-        super().__init__(
-            message or f"sub-orchestration {instance_id!r} failed", instance_id=instance_id, error=error
-        )
+        if not message:
+            message = f"sub-orchestration {instance_id!r} failed"
+            if isinstance(error, dict) and (error.get("type") or error.get("message")):
+                message += f": {error.get('type') or 'Error'}: {error.get('message') or ''}"
+        super().__init__(message, instance_id=instance_id, error=error)
 
 
 class TimeoutError(PgDurableError, builtins.TimeoutError):  # noqa: A001 - contract name

@@ -68,4 +68,8 @@ def normalize(value: Any) -> Any:
 def error_payload(exc: BaseException) -> dict[str, str]:
     """A JSON description of an exception: type, message, traceback text."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure itself
+        message = f"<str() of {type(exc).__name__} failed>"
+    return {"type": type(exc).__name__, "message": message, "traceback": tb}

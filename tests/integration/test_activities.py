@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import asyncpg
 import pytest
@@ -33,6 +35,23 @@ async def forbidden(ctx: pgd.ActivityContext, _: object) -> None:
 @app.activity(timeout=0.2, retry=pgd.RetryPolicy(max_attempts=2, initial_interval=0.01))
 async def hangs(ctx: pgd.ActivityContext, _: object) -> None:
     await anyio.sleep(30)
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str() fails")
+
+
+@app.activity(retry=pgd.RetryPolicy(max_attempts=1))
+async def raises(ctx: pgd.ActivityContext, kind: str) -> None:
+    """Raises what a buggy activity (or a library it calls) might let out."""
+    if kind == "SystemExit":
+        raise SystemExit(3)
+    if kind == "Cancelled":
+        raise pgd.Cancelled("an instance this activity waited on was cancelled")
+    if kind == "CancelledError":
+        raise asyncio.CancelledError()
+    raise BrokenStr()
 
 
 @app.activity
@@ -103,6 +122,7 @@ async def test_exhausted_retries_surface_as_activity_error(dsn: str) -> None:
         assert out["type"] == "PermissionError" and out["attempts"] == 1
         out = await (await runtime.client.start(call, ["hangs", None])).result(timeout=30)
         assert out["type"] == "TimeoutError" and out["attempts"] == 2
+        assert out["message"] == "the attempt ran longer than its timeout of 0.2 s"
         out = await (await runtime.client.start(call, ["unencodable", None])).result(timeout=30)
         assert out["type"] == "SerializationError"
         out = await (await runtime.client.start(call, ["no_such_activity", None])).result(timeout=30)
@@ -208,3 +228,18 @@ async def test_transactional_sql_uses_the_roles_search_path(dsn: str) -> None:
         assert await conn.fetch("SELECT id FROM app.docs WHERE done") == [(2,)]
     finally:
         await conn.close()
+
+
+async def test_base_exceptions_from_an_activity_are_its_failures_not_the_runtimes(dsn: str) -> None:
+    """SystemExit, pgd.Cancelled, a stray CancelledError or a broken __str__ fail the activity only."""
+    async with pgd.Runtime(app, dsn) as runtime:
+        for kind, message in [
+            ("SystemExit", "3"),
+            ("Cancelled", "an instance this activity waited on was cancelled"),
+            ("CancelledError", ""),
+            ("BrokenStr", "<str() of BrokenStr failed>"),
+        ]:
+            handle = await runtime.client.start(call, ["raises", kind])
+            out = await handle.result(timeout=30)
+            assert (out["type"], out["message"], out["attempts"]) == (kind, message, 1)
+        assert await (await runtime.client.start(call, ["flaky", "after"])).result(timeout=30) == 3

@@ -129,6 +129,10 @@ def test_messages() -> None:
     )
     assert str(pgd.ActivityError("custom", activity_name="embed")) == "custom"
     assert str(pgd.SubOrchestrationError(instance_id="c")) == "sub-orchestration 'c' failed"
+    child_error = {"type": "ValueError", "message": "child broke"}
+    assert str(pgd.SubOrchestrationError(instance_id="c", error=child_error)) == (
+        "sub-orchestration 'c' failed: ValueError: child broke"
+    )
     assert str(pgd.Cancelled()) == "cancelled"
 
 
