@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import orjson
@@ -174,16 +174,23 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit 2, like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree: one sub-command per operation."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--dsn", help=f"PostgreSQL DSN (default: ${DSN_ENV})")
     common.add_argument("--schema", default="pgdurable", help="schema of the pgdurable tables (default: %(default)s)")
     common.add_argument(
         "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="stderr log level (default: INFO for worker, WARNING otherwise)",
     )
-    parser = argparse.ArgumentParser(prog=PROG, description="Durable workflows for asyncio on PostgreSQL.")
+    parser = _Parser(prog=PROG, description="Durable workflows for asyncio on PostgreSQL.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
