@@ -80,7 +80,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             async with runtime:
                 log.info(
                     "worker %s ready: %d orchestrations, %d activities, concurrency %d",
-                    runtime.worker_id, len(app.orchestrations), len(app.activities), args.concurrency,
+                    runtime.worker_id,
+                    len(app.orchestrations),
+                    len(app.activities),
+                    args.concurrency,
                 )
                 async for signum in signals:
                     name = signal.Signals(signum).name
@@ -187,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dsn", help=f"PostgreSQL DSN (default: ${DSN_ENV})")
     common.add_argument("--schema", default="pgdurable", help="schema of the pgdurable tables (default: %(default)s)")
     common.add_argument(
-        "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="stderr log level (default: INFO for worker, WARNING otherwise)",
     )
     parser = _Parser(prog=PROG, description="Durable workflows for asyncio on PostgreSQL.")
@@ -201,11 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("worker", cmd_worker, "run a worker for an app until SIGTERM/SIGINT (graceful drain)")
     p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the pgd.App to serve, e.g. myservice.jobs:app")
-    p.add_argument("--concurrency", type=count, default=64, metavar="N", help="max concurrent activities/turns")
-    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S", help="activity lease (default 30)")
     p.add_argument(
-        "--sweep-interval", type=float, default=30.0, metavar="S", help="safety sweep period (default 30)"
+        "--concurrency", type=count, default=64, metavar="N", help="max concurrent activities (default: %(default)s)"
     )
+    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S", help="activity lease (default 30)")
+    p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S", help="safety sweep period (default 30)")
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
@@ -242,13 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="instance id")
     p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")
     p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress, or a graph example", needs_dsn=False)
-    p.add_argument("name", nargs="?", metavar="NAME",
-                   help="a graph example: document_batch, embedding_pipeline, outbox, maintenance")
+    p.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME",
+        help="a graph example: document_batch, embedding_pipeline, outbox, maintenance",
+    )
     p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
     p = add("bench", cmd_bench, "measure fan-out throughput", needs_dsn=False)
-    p.add_argument("--fanout", type=count, default=10_000, metavar="N", help="activities per workflow")
-    p.add_argument("--workflows", type=count, default=1_000, metavar="N", help="workflows to start")
-    p.add_argument("--concurrency", type=count, default=256, metavar="N", help="runtime max_concurrency")
+    p.add_argument(
+        "--fanout", type=count, default=10_000, metavar="N", help="activities in the fan-out (default: %(default)s)"
+    )
+    p.add_argument(
+        "--workflows", type=count, default=1_000, metavar="N", help="3-step workflows to start (default: %(default)s)"
+    )
+    p.add_argument(
+        "--concurrency", type=count, default=256, metavar="N", help="runtime max_concurrency (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="also print the result as JSON (report goes to stderr)")
     return parser
 
