@@ -164,7 +164,8 @@ async def test_hung_transactional_activity_commits_once(dsn: str, tmp_path: Path
                 dsn,
                 "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
                 " WHERE datname = current_database() AND state = 'idle in transaction'"
-                " AND query LIKE '%FROM work_queue WHERE id = $1 AND lease_token = $2%'",
+                " AND pid IN (SELECT pid FROM pg_locks WHERE mode = 'RowShareLock'"
+                "             AND relation = 'pgdurable.work_queue'::regclass)",  # SELECT ... FOR UPDATE
             )
             assert [r["ok"] for r in killed] == [True]
             b = Worker(dsn, tmp_path, "b")

@@ -287,7 +287,7 @@ WHERE datname = current_database() AND application_name = 'pgdurable_async'
   AND xact_start IS NOT NULL AND pid <> pg_backend_pid() AND client_port IS NOT NULL
 """
 # An ack: the batched ack statement, or a transactional activity (its SQL commits with its ack).
-_ACK_MARKERS = ("USING results", "chaos_effects", "pg_sleep", "lease_token = $2 FOR UPDATE")
+_ACK_MARKERS = ("USING results", "chaos_effects", "pg_sleep", "lease_token = $2 FOR UPDATE", "set_config('search_path'")
 # A turn: its transaction stays open across statements while the orchestration code replays.
 _TURN_MARKERS = ("FROM instances i", "FROM history h", "INSERT INTO history", "UPDATE instances i")
 
