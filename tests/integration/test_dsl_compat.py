@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-
 import pytest
 
 import pgdurable_async as pgd
 from pgdurable_async import dsl
 
-from .test_dsl_sql import cell, environment
+from .test_dsl_sql import cell, environment, http_server
 
 
 # -- result shape (USER_GUIDE "Result Format", e2e 21_typed_results) ---------------------------------
@@ -112,70 +105,42 @@ async def test_system_variables_for_logging(dsn: str) -> None:
 
 
 # -- df.http: {var} URLs, 5xx fails the attempt ------------------------------------------------------
-@contextlib.contextmanager
-def status_server(statuses: list[int]) -> Iterator[tuple[str, list[str]]]:
-    """Answers each request with the next status of ``statuses`` (then 200)."""
-    seen: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            seen.append(self.path + " " + str(self.headers.get("authorization")))
-            status = statuses.pop(0) if statuses else 200
-            body = json.dumps({"status": status}).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 async def test_http_with_variables(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGDURABLE_HTTP_ALLOW", "127.0.0.1")
     example = """df.http('{api_base}/users', 'GET', NULL, '{"Authorization": "Bearer {api_key}"}'::jsonb)
     ~> 'INSERT INTO playground.logs (msg) VALUES (''Fetched users'')',
     'fetch-users'"""
-    with status_server([]) as (base, seen):
+    with http_server() as (base, seen):
         async with environment(dsn) as env:
             await env.conn.execute("CREATE SCHEMA playground; CREATE TABLE playground.logs (msg text)")
             await env.conn.execute("SELECT df.setvar('api_base', $1)", base)
             await env.conn.execute("SELECT df.setvar('api_key', 'secret123')")
             instance_id = await env.start(example)
             assert await env.val("SELECT df.await_instance($1)", instance_id) == "completed"
-            assert seen == ["/users Bearer secret123"]
+            assert [(r["path"], r["authorization"]) for r in seen] == [("/users", "Bearer secret123")]
             assert await env.val("SELECT msg FROM playground.logs") == "Fetched users"
 
 
 async def test_http_url_variables_from_python(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGDURABLE_HTTP_ALLOW", "127.0.0.1")
-    with status_server([]) as (base, seen):
+    with http_server() as (base, seen):
         async with environment(dsn) as env:
             graph = dsl.http("{api_base}/users", "GET", headers={"Authorization": "Bearer {api_key}"})
             client = env.runtime.client
             handle = await dsl.start(client, graph, vars={"api_base": base, "api_key": "k"})
             out = await handle.result(timeout=30)
-            assert out["status"] == 200 and seen == ["/users Bearer k"]
+            assert out["status"] == 200 and [(r["path"], r["authorization"]) for r in seen] == [("/users", "Bearer k")]
             with pytest.raises(pgd.InstanceFailed, match="not an http"):
                 await (await dsl.start(client, graph, vars={"api_base": "ftp://x"})).result(timeout=30)
 
 
 async def test_http_5xx_fails_the_attempt_and_retries(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGDURABLE_HTTP_ALLOW", "127.0.0.1")
-    with status_server([503, 404]) as (base, seen):
+    with http_server([503, 404]) as (base, seen):
         async with environment(dsn) as env:
             out = await env.run(f"df.http('{base}/flaky', 'GET')")  # 503, retried: 404 completes (ok false)
             assert out["status"] == 404 and out["ok"] is False and len(seen) == 2
-    with status_server([500, 500, 500]) as (base, seen):
+    with http_server([500, 500, 500]) as (base, seen):
         async with environment(dsn) as env:
             with pytest.raises(pgd.InstanceFailed, match="returned 500"):
                 await env.run(f"df.http('{base}/down', 'GET')")

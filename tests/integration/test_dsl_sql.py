@@ -395,20 +395,23 @@ async def test_raw_start_and_events_for_code_orchestrations(dsn: str) -> None:
 
 # -- df.http, behind the allow-list ------------------------------------------------------------------
 @contextlib.contextmanager
-def http_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def http_server(statuses: list[int] | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A local JSON server; it answers with the next of ``statuses`` (then 200) and records each request."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     seen: list[dict[str, Any]] = []
+    pending = list(statuses or [])
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self) -> None:
             length = int(self.headers.get("content-length") or 0)
-            seen.append({"method": self.command, "path": self.path,
+            seen.append({"method": self.command, "path": self.path, "authorization": self.headers.get("authorization"),
                          "body": self.rfile.read(length).decode() if length else None})
-            body = json.dumps({"path": self.path, "n": len(seen)}).encode()
-            self.send_response(200)
+            status = pending.pop(0) if pending else 200
+            body = json.dumps({"path": self.path, "n": len(seen), "status": status}).encode()
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -452,7 +455,8 @@ async def test_http_node(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
                 f" ~> df.http('{base}/webhook', 'POST', '{{\"event\": \"completed\", \"id\": $order_id}}',"
                 " '{\"Content-Type\": \"application/json\"}'::jsonb, 30)"
             )
-            assert seen[-1] == {"method": "POST", "path": "/webhook", "body": '{"event": "completed", "id": 42}'}
+            assert seen[-1] == {"method": "POST", "path": "/webhook", "authorization": None,
+                                "body": '{"event": "completed", "id": 42}'}
 
 
 async def test_forever_loop_keeps_history_bounded(dsn: str) -> None:
