@@ -7,6 +7,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -129,6 +130,7 @@ class Database:
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool[Any] | None = None
+        self._opening = asyncio.Lock()  # concurrent first calls must not each create a pool
         self.retry_for = 30.0  # seconds a transient fault is retried before it surfaces
 
     def channel(self, kind: str) -> str:
@@ -136,7 +138,11 @@ class Database:
         return f"{self.schema}_{kind}"
 
     async def open(self) -> None:
-        if self._pool is None:
+        if self._pool is not None:
+            return
+        async with self._opening:
+            if self._pool is not None:
+                return
             with mapped_errors(), _dsn_errors(self.dsn):
                 self._pool = await asyncpg.create_pool(
                     self.dsn,
