@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import math
 import uuid
@@ -78,6 +79,7 @@ class Client:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         _db: Database | None = None,
     ) -> None:
+        self._owns_db = _db is None  # a runtime's client shares the runtime's pool
         if _db is None:
             if not dsn:
                 raise ConfigurationError("Client needs a DSN (postgresql://user@host:port/dbname)")
@@ -87,6 +89,7 @@ class Client:
         self.max_payload_bytes = max_payload_bytes
         self._checked = False
         self._listener: asyncpg.Connection[Any] | None = None
+        self._listening = asyncio.Lock()  # concurrent first waits must not each open a listener
         self._waiters: dict[str, set[anyio.Event]] = {}
 
     async def __aenter__(self) -> Client:
@@ -105,7 +108,7 @@ class Client:
                 await listener.close(timeout=2)
             except Exception:  # noqa: BLE001, S110 - closing a dead connection
                 listener.terminate()
-        if self.app is None:
+        if self._owns_db:
             await self.db.close()
 
     async def _ready(self) -> Database:
@@ -294,12 +297,17 @@ class Client:
                         del self._waiters[instance_id]
 
     async def _ensure_listener(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
-            return
-        await self._ready()
-        conn = await self.db.connect()
-        await conn.add_listener(self.db.channel("done"), self._on_done)
-        self._listener = conn
+        async with self._listening:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            await self._ready()
+            conn = await self.db.connect()
+            try:
+                await conn.add_listener(self.db.channel("done"), self._on_done)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._listener = conn
 
     def _on_done(self, _conn: Any, _pid: int, _channel: str, instance_id: str) -> None:
         for event in self._waiters.get(instance_id, ()):

@@ -173,18 +173,21 @@ class Runtime:
             await self._steps.idle()
         tg, self._tg = self._tg, None
         tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(10):
-                with contextlib.suppress(Exception):
-                    await self.activities.flush()
-                with contextlib.suppress(Exception):
-                    await self.activities.release(list(self.activities.inflight.values()))
-                with contextlib.suppress(Exception):
-                    await self.db.run(lambda c: c.execute(q("deregister_worker"), self.worker_id), retry_for=2)
-            await self._close_listener()
-            await self.db.close()
-        self._stopped.set()
+        try:
+            await tg.__aexit__(None, None, None)
+        finally:  # even if a loop failed: leave no session or pool behind
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(10):
+                    with contextlib.suppress(Exception):
+                        await self.activities.flush()
+                    with contextlib.suppress(Exception):
+                        await self.activities.release(list(self.activities.inflight.values()))
+                    with contextlib.suppress(Exception):
+                        await self.db.run(lambda c: c.execute(q("deregister_worker"), self.worker_id), retry_for=2)
+                await self._close_listener()
+                await self.client.close()  # its LISTEN session; the pool is ours to close
+                await self.db.close()
+            self._stopped.set()
 
     @property
     def stopping(self) -> bool:
