@@ -11,6 +11,8 @@ import pytest
 
 import pgdurable_async as pgd
 
+from .test_dsl_security import login_roles
+
 app = pgd.App()
 
 # pg_durable's argument lists (its catalog), for the functions we install under its names.
@@ -191,29 +193,16 @@ async def test_control_functions_return_pg_durables_strings(dsn: str) -> None:
 
 
 @pytest.fixture
-async def odd_roles(dsn: str) -> AsyncIterator[tuple[str, str]]:
+async def odd_roles(dsn: str) -> AsyncIterator[tuple[str, ...]]:
     """Roles whose names are not plain identifiers: a space, upper case."""
     suffix = uuid.uuid4().hex[:6]
     names = (f"Audit Quoted {suffix}", f"labUser{suffix}")
-    admin = await asyncpg.connect(dsn)
-    try:
-        for name in names:
-            await admin.execute(f'CREATE ROLE "{name}" LOGIN')
-        await admin.execute("SELECT df.grant_usage(p_role => $1), df.grant_usage($2)", *names)
-        yield names
-    finally:
-        for name in names:
-            await admin.execute(f'DROP OWNED BY "{name}"')
-        await admin.close()
-        admin = await asyncpg.connect(dsn)  # roles are cluster-wide: drop them
-        try:
-            for name in names:
-                await admin.execute(f'DROP ROLE IF EXISTS "{name}"')
-        finally:
-            await admin.close()
+    grant = f"SELECT df.grant_usage(p_role => '{names[0]}'), df.grant_usage('{names[1]}')"
+    async with login_roles(dsn, names, grant) as created:
+        yield created
 
 
-async def test_role_names_that_need_quoting(dsn: str, odd_roles: tuple[str, str]) -> None:
+async def test_role_names_that_need_quoting(dsn: str, odd_roles: tuple[str, ...]) -> None:
     async with pgd.Runtime(app, dsn):
         for name in odd_roles:
             conn = await asyncpg.connect(dsn, user=name)

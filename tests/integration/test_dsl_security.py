@@ -3,6 +3,7 @@ df.grant_usage / df.revoke_usage gate the surface; instance_nodes reports node s
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -21,27 +22,35 @@ def as_user(dsn: str, user: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
-@pytest.fixture
-async def roles(dsn: str) -> AsyncIterator[tuple[str, str, str]]:
-    suffix = uuid.uuid4().hex[:6]
-    names = (f"alice_{suffix}", f"bob_{suffix}", f"carol_{suffix}")
+@contextlib.asynccontextmanager
+async def login_roles(dsn: str, names: tuple[str, ...], *grants: str) -> AsyncIterator[tuple[str, ...]]:
+    """Create login roles, run ``grants`` as the owner, and drop the roles afterwards (they are cluster-wide)."""
     admin = await asyncpg.connect(dsn)
     try:
         for name in names:
             await admin.execute(f'CREATE ROLE "{name}" LOGIN')
-        await admin.execute(f'GRANT CREATE ON SCHEMA public TO "{names[0]}"')
-        await admin.execute(f"SELECT df.grant_usage('{names[0]}'), df.grant_usage('{names[1]}')")
+        for grant in grants:
+            await admin.execute(grant)
         yield names
     finally:
         for name in names:
             await admin.execute(f'DROP OWNED BY "{name}"')
         await admin.close()
-        admin = await asyncpg.connect(dsn)  # roles are cluster-wide: drop them
+        admin = await asyncpg.connect(dsn)
         try:
             for name in names:
                 await admin.execute(f'DROP ROLE IF EXISTS "{name}"')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def roles(dsn: str) -> AsyncIterator[tuple[str, ...]]:
+    suffix = uuid.uuid4().hex[:6]
+    names = (f"alice_{suffix}", f"bob_{suffix}", f"carol_{suffix}")
+    async with login_roles(dsn, names, f'GRANT CREATE ON SCHEMA public TO "{names[0]}"',
+                           f"SELECT df.grant_usage('{names[0]}'), df.grant_usage('{names[1]}')") as created:
+        yield created
 
 
 async def test_roles_isolation_and_grants(dsn: str, roles: tuple[str, str, str]) -> None:
