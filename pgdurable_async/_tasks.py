@@ -7,6 +7,7 @@ touch asyncio; the replay engine resolves them from history events.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -242,3 +243,13 @@ class FiberTask(Task[T]):
 
     def _on_start(self) -> None:
         self._engine.spawn(self)
+
+    def __del__(self) -> None:
+        # Never run (the tail of a failed `all`, a discarded replay): close it quietly
+        # instead of leaving Python to warn that it was never awaited.
+        try:
+            created = inspect.getcoroutinestate(self.coro) == inspect.CORO_CREATED
+        except AttributeError:  # not a native coroutine
+            return
+        if created:
+            self.coro.close()
