@@ -15,9 +15,9 @@ import asyncpg
 from . import _events as ev
 from ._app import App, check_id, name_of
 from ._errors import (
-    Cancelled,
     ConfigurationError,
     InstanceAlreadyExists,
+    InstanceCancelled,
     InstanceFailed,
     InstanceNotFound,
     InvalidArgument,
@@ -335,5 +335,7 @@ def _outcome(state: InstanceState) -> Any:
         return state.output
     if state.status is Status.CANCELLED:
         reason = state.error.get("reason") if isinstance(state.error, dict) else None
-        raise Cancelled(f"instance {state.instance_id!r} was cancelled", instance_id=state.instance_id, reason=reason)
+        raise InstanceCancelled(
+            f"instance {state.instance_id!r} was cancelled", instance_id=state.instance_id, reason=reason
+        )
     raise InstanceFailed(state.instance_id, state.error)

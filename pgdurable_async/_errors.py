@@ -17,7 +17,8 @@
     ├── TimeoutError                a wait / wait_for_event / result timed out
     ├── NonDeterminismError         replay disagrees with the recorded history
     └── Cancelled                   the instance was cancelled (BaseException: not swallowed
-                                    by ``except Exception``)
+        │                           by ``except Exception`` inside the orchestration)
+        └── InstanceCancelled       what a client's wait raises: also an ``Exception``
 
 Every error carries structured fields and pickles cleanly (``__reduce__``
 re-creates it from its constructor arguments).
@@ -185,3 +186,19 @@ class Cancelled(BaseException):
 
 def _rebuild_cancelled(message: str, instance_id: str, reason: Any) -> Cancelled:
     return Cancelled(message, instance_id=instance_id, reason=reason)
+
+
+class InstanceCancelled(Cancelled, PgDurableError):
+    """What a client's ``wait`` / ``handle.result`` raises for a cancelled instance.
+
+    A ``pgd.Cancelled`` that is also an ordinary ``Exception``: outside the cancelled
+    orchestration there is nothing to unwind, so ``except PgDurableError`` (or
+    ``except Exception``) in a service or an activity catches it like any other error.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_instance_cancelled, (self.message, self.instance_id, self.reason))
+
+
+def _rebuild_instance_cancelled(message: str, instance_id: str, reason: Any) -> InstanceCancelled:
+    return InstanceCancelled(message, instance_id=instance_id, reason=reason)

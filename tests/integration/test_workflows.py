@@ -123,6 +123,12 @@ async def test_cooperative_cancel(dsn: str) -> None:
         await runtime.client.cancel("c1", reason="user asked")
         with pytest.raises(pgd.Cancelled):
             await handle.result(timeout=30)
+        try:  # a service's ordinary error handling catches it too
+            await handle.result(timeout=30)
+        except pgd.PgDurableError as exc:
+            assert isinstance(exc, pgd.Cancelled) and exc.reason == "user asked"
+        else:
+            pytest.fail("a cancelled instance's result returned")
         state = await runtime.client.status("c1")
         assert state.status is pgd.Status.CANCELLED and state.custom_status == "cleaning up"
         kinds = [e.kind for e in await runtime.client.history("c1")]

@@ -48,6 +48,8 @@ SAMPLES: list[tuple[BaseException, dict[str, Any]]] = [
     (pgd.NonDeterminismError("command #3 differs", instance_id="i-1"), {"instance_id": "i-1"}),
     (pgd.Cancelled("cancelled by ops", instance_id="i-1", reason="shutdown"), {"instance_id": "i-1",
                                                                                 "reason": "shutdown"}),
+    (_errors.InstanceCancelled("instance 'i-1' was cancelled", instance_id="i-1", reason="shutdown"),
+     {"instance_id": "i-1", "reason": "shutdown"}),
 ]
 
 
@@ -90,6 +92,20 @@ def test_cancelled_is_not_caught_by_except_pgdurable_error() -> None:
             raise pgd.Cancelled()
         except pgd.PgDurableError:
             pytest.fail("except PgDurableError swallowed Cancelled")
+
+
+def test_a_clients_cancelled_is_an_ordinary_error_too() -> None:
+    # outside the orchestration there is nothing to unwind: a service's `except` catches it
+    err = _errors.InstanceCancelled("instance 'i' was cancelled", instance_id="i", reason="ops")
+    assert isinstance(err, pgd.Cancelled) and isinstance(err, Exception)
+    for catch in (pgd.PgDurableError, Exception, pgd.Cancelled):
+        try:
+            raise err
+        except catch as caught:
+            assert caught is err
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is _errors.InstanceCancelled and (copy.instance_id, copy.reason, str(copy)) == (
+        "i", "ops", "instance 'i' was cancelled")
 
 
 def test_other_base_exceptions_are_not_pgdurable_errors() -> None:
