@@ -390,7 +390,7 @@ class Execution:
                 return
             throw = NonDeterminismError(
                 f"an orchestration may only await ctx tasks, not {type(yielded).__name__}; "
-                "do I/O in an activity"
+                "do I/O in an activity, and combine tasks with ctx.all / ctx.any (not asyncio.gather / wait)"
             )
             self._fault = throw
 

@@ -816,6 +816,7 @@ def test_awaiting_a_foreign_awaitable_is_nondeterminism(awaitable: str) -> None:
     error = sim.outcome.data["error"]
     assert sim.outcome.kind == ev.ORCHESTRATION_FAILED
     assert error["type"] == "NonDeterminismError" and "only await ctx tasks" in error["message"]
+    assert "ctx.all / ctx.any (not asyncio.gather / wait)" in error["message"]  # the usual slip, named
 
 
 def test_nothing_is_scheduled_after_nondeterminism_is_caught() -> None:
