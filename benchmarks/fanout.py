@@ -14,11 +14,14 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 
-from pgdurable_async._bench import run_bench
-from pgdurable_async._cluster import EmbeddedCluster
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
+
+from benchmarks.harness import run_bench  # noqa: E402
+from pgdurable_async._store.cluster import EmbeddedCluster  # noqa: E402
 
 
 @contextlib.contextmanager

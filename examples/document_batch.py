@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import asyncpg
 
 import pgdurable_async as pgd
-from pgdurable_async._graph_mermaid import render_instance
+from pgdurable_async._client.graphs import render_instance
 
 app = pgd.App()  # nothing of its own: the graph interpreter comes with every Runtime
 

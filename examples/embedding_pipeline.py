@@ -23,7 +23,7 @@ import asyncpg
 
 import pgdurable_async as pgd
 from pgdurable_async import dsl
-from pgdurable_async._graph_mermaid import render_instance
+from pgdurable_async._client.graphs import render_instance
 
 app = pgd.App()
 DIMENSIONS = 8

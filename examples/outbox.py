@@ -27,7 +27,7 @@ import orjson
 
 import pgdurable_async as pgd
 from pgdurable_async import dsl
-from pgdurable_async._graph_mermaid import render_instance
+from pgdurable_async._client.graphs import render_instance
 
 app = pgd.App()
 GROUP = 25

@@ -19,10 +19,9 @@
         print(await handle.result(timeout=30))
 """
 
-from ._app import ActivityContext, App, TransactionContext
-from ._client import Client, InstanceHandle
-from ._context import OrchestrationContext
-from ._errors import (
+from ._app import App
+from ._base.definitions import ActivityContext, TransactionContext
+from ._base.errors import (
     ActivityError,
     Cancelled,
     ConfigurationError,
@@ -39,12 +38,12 @@ from ._errors import (
     TimeoutError,
     UnknownNameError,
 )
-from ._migrate import migrate
+from ._base.types import HistoryEvent, InstanceState, RetryPolicy, Status
+from ._base.version import __version__
+from ._client import Client, InstanceHandle
+from ._engine import OrchestrationContext, Task
 from ._runtime import Runtime
-from ._tasks import Task
-from ._types import HistoryEvent, InstanceState, RetryPolicy, Status
-
-__version__ = "0.1.0"
+from ._store.migrations import migrate
 
 __all__ = [
     "ActivityContext",
@@ -77,3 +76,11 @@ __all__ = [
     "__version__",
     "migrate",
 ]
+
+# Public names look public: reprs and tracebacks show pgdurable_async.InstanceFailed,
+# not the private module that defines it.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("pgdurable_async."):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -4,88 +4,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-from ._errors import ConfigurationError, InvalidArgument, UnknownNameError
-from ._types import RetryPolicy
-
-if TYPE_CHECKING:
-    import asyncpg
+from ._base.definitions import DEFAULT_RETRY, ActivityDef, OrchestrationDef
+from ._base.errors import ConfigurationError, UnknownNameError
+from ._base.names import MAX_ID_LENGTH, NAME_ATTR, name_of
+from ._base.types import RetryPolicy
+from ._graph.builtins import builtin_activities, builtin_orchestrations, graph_function
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-_NAME_ATTR = "__pgdurable_name__"
-DEFAULT_RETRY = RetryPolicy()
-
-
-@dataclass(frozen=True)
-class ActivityContext:
-    """What an activity knows about the call it serves."""
-
-    instance_id: str
-    activity_id: str
-    name: str
-    attempt: int
-
-
-@dataclass(frozen=True)
-class TransactionContext(ActivityContext):
-    """An :class:`ActivityContext` with the open transaction's connection (``conn``).
-
-    Whatever the activity does through ``conn`` commits together with the record
-    of its completion, or not at all.
-    """
-
-    conn: asyncpg.Connection[Any] | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True)
-class ActivityDef:
-    name: str
-    fn: Callable[..., Awaitable[Any]]
-    retry: RetryPolicy
-    transactional: bool
-    timeout: float | None = None  # start-to-close, per attempt
-
-
-@dataclass(frozen=True)
-class OrchestrationDef:
-    name: str
-    fn: Callable[..., Awaitable[Any]]
-
-
-MAX_ID_LENGTH = 200
-
-
-def check_id(value: Any, what: str = "instance_id") -> str:
-    """Validate an id or name (always bound as a parameter, never spliced into SQL)."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{what} must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
-    if "\x00" in value:
-        raise InvalidArgument(f"{what} must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidArgument(f"{what} is not valid UTF-8 (a lone surrogate?)") from None
-    return value
-
-
-def name_of(ref: Any, *, kind: str) -> str:
-    """The registered name of an orchestration or activity given by function or name."""
-    if isinstance(ref, str):
-        return check_id(ref, f"{kind} name")
-    name = getattr(ref, _NAME_ATTR, None)
-    if isinstance(name, str):
-        return name
-    raise UnknownNameError(
-        f"{getattr(ref, '__qualname__', ref)!r} is not a registered {kind}; "
-        f"decorate it with @app.{kind} or pass its registered name",
-        kind=kind,
-        name=str(getattr(ref, "__qualname__", ref)),
-    )
 
 
 class App:
@@ -151,7 +78,7 @@ class App:
         def register(f: F) -> F:
             reg_name = self._check_new(name or f.__name__, f)
             self.orchestrations[reg_name] = OrchestrationDef(reg_name, f)
-            setattr(f, _NAME_ATTR, reg_name)
+            setattr(f, NAME_ATTR, reg_name)
             return f
 
         return register(fn) if fn is not None else register
@@ -171,7 +98,7 @@ class App:
         def register(f: F) -> F:
             reg_name = self._check_new(name or f.__name__, f)
             self.activities[reg_name] = ActivityDef(reg_name, f, retry or DEFAULT_RETRY, transactional, timeout)
-            setattr(f, _NAME_ATTR, reg_name)
+            setattr(f, NAME_ATTR, reg_name)
             return f
 
         return register(fn) if fn is not None else register
@@ -179,7 +106,7 @@ class App:
     def _check_new(self, name: str, fn: Callable[..., Any]) -> str:
         if not inspect.iscoroutinefunction(fn):
             raise ConfigurationError(f"{getattr(fn, '__qualname__', fn)!r} must be an `async def` function")
-        if not isinstance(name, str) or not name or "\x00" in name or len(name) > 200:
+        if not isinstance(name, str) or not name or "\x00" in name or len(name) > MAX_ID_LENGTH:
             raise ConfigurationError(f"invalid registration name {name!r}")
         existing = self.activities.get(name) or self.orchestrations.get(name)
         if existing is not None and existing.fn is not fn:
@@ -192,9 +119,23 @@ class App:
         It starts like any orchestration (``client.start(name, input)``); SQL in it
         reads the input as ``$input``.  Raises ``dsl.GraphError`` if the graph is invalid.
         """
-        from ._graph_acts import register_graph
+        fn = graph_function(name, graph)  # raises GraphError before anything is registered
+        if name in self.orchestrations or name in self.activities:
+            raise ConfigurationError(f"the name {name!r} is already registered")
+        self.install_builtins()
+        self.orchestration(name=name)(fn)
 
-        register_graph(self, name, graph)
+    def install_builtins(self) -> None:
+        """Register the graph interpreter's orchestration and activities (idempotent).
+
+        Every Runtime calls it, so any worker runs graphs started from SQL (``df.start``).
+        """
+        for odef in builtin_orchestrations():
+            self.orchestrations.setdefault(odef.name, odef)
+            setattr(odef.fn, NAME_ATTR, odef.name)
+        for adef in builtin_activities():
+            self.activities.setdefault(adef.name, adef)
+            setattr(adef.fn, NAME_ATTR, adef.name)
 
     def orchestration_def(self, ref: Any) -> OrchestrationDef:
         """The orchestration registered under ``ref`` (function or name)."""

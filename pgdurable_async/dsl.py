@@ -25,11 +25,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from ._app import name_of
+from ._base.names import name_of
 from ._client import Client, InstanceHandle
-from ._graph import GraphError, compile_graph
-from ._graph_acts import allow_http
-from ._graph_run import GRAPH_ORCHESTRATION
+from ._graph.compiler import GraphError, compile_graph
+from ._graph.http import allow_http
+from ._graph.interpreter import GRAPH_ORCHESTRATION
 
 NodeLike = "Node | str"
 

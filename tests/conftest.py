@@ -19,8 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from pgdurable_async._cluster import EmbeddedCluster
-from pgdurable_async._migrate import migrate
+from pgdurable_async._store.cluster import EmbeddedCluster
+from pgdurable_async._store.migrations import migrate
 
 
 @dataclass

@@ -41,8 +41,8 @@ import orjson
 from anyio.abc import TaskGroup
 
 import pgdurable_async as pgd
-from pgdurable_async._cluster import EmbeddedCluster
-from pgdurable_async._store import is_transient
+from pgdurable_async._store.cluster import EmbeddedCluster
+from pgdurable_async._store.database import is_transient
 from tests.chaos import chaos_app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pgdurable_async._cluster import EmbeddedCluster
+from pgdurable_async._store.cluster import EmbeddedCluster
 from tests.chaos.harness import PRESETS, run_chaos
 from tests.conftest import PgServer
 

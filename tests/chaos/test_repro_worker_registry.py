@@ -19,7 +19,7 @@ from __future__ import annotations
 import anyio
 import asyncpg
 
-from pgdurable_async._sql import q
+from pgdurable_async._store.sql_loader import q
 
 SETTINGS = {"search_path": "pgdurable"}
 

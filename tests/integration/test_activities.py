@@ -159,7 +159,7 @@ async def test_late_result_of_lost_lease_is_ignored(dsn: str) -> None:
                 " now() + interval '1 hour') RETURNING id, lease_token",
                 handle.instance_id,
             )
-            from pgdurable_async._activities import Outcome, WorkItem
+            from pgdurable_async._store.records import Outcome, WorkItem
 
             stale = WorkItem(row["id"], handle.instance_id, 1, 99, "flaky", "x", None, 1, row["lease_token"])
             await conn.execute(

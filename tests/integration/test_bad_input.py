@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async._migrate import latest_version
+from pgdurable_async._store.migrations import latest_version
 from tests.conftest import PgServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,7 +8,7 @@ import os
 import asyncpg
 import pytest
 
-from pgdurable_async._bench import run_bench
+from benchmarks.harness import run_bench
 from tests.conftest import PgServer
 
 

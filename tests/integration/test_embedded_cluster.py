@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pgdurable_async._cluster import EmbeddedCluster
-from pgdurable_async._errors import ConfigurationError
+from pgdurable_async._base.errors import ConfigurationError
+from pgdurable_async._store.cluster import EmbeddedCluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -102,7 +102,7 @@ def test_failed_start_reports_server_log_and_cleans_up() -> None:
 
 def test_atexit_stops_a_cluster_left_running() -> None:
     script = (
-        "from pgdurable_async._cluster import EmbeddedCluster\n"
+        "from pgdurable_async._store.cluster import EmbeddedCluster\n"
         "c = EmbeddedCluster()\n"
         "c.start()\n"
         "print(c.port, c.datadir.parent, flush=True)\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pgdurable_async._graph_demo import EXAMPLES, load_example
+from pgdurable_async._cli.examples import EXAMPLES, load_example
 
 ROOT = Path(__file__).resolve().parents[2]
 

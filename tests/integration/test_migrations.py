@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async._migrate import latest_version, migrations
+from pgdurable_async._store.migrations import latest_version, migrations
 
 
 async def test_migrate_installs_records_and_is_idempotent(empty_dsn: str) -> None:

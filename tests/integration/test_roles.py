@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async._sql import q
+from pgdurable_async._store.sql_loader import q
 
 app = pgd.App()
 _names = itertools.count()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pgdurable_async as pgd
-from pgdurable_async._engine import Event
+from pgdurable_async._engine.execution import Event
 
 from .sim import Raise, Sim, save_history
 

@@ -28,11 +28,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pgdurable_async import _events as ev
-from pgdurable_async._app import DEFAULT_RETRY
-from pgdurable_async._engine import Event, Execution, OrchestrationFn
-from pgdurable_async._serde import DEFAULT_MAX_PAYLOAD_BYTES, error_payload, normalize
-from pgdurable_async._types import RetryPolicy
+from pgdurable_async._base import events as ev
+from pgdurable_async._base.definitions import DEFAULT_RETRY
+from pgdurable_async._base.events import error_payload
+from pgdurable_async._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, normalize
+from pgdurable_async._base.types import RetryPolicy
+from pgdurable_async._engine.execution import Event, Execution, OrchestrationFn
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TICK = timedelta(seconds=1)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pgdurable_async import _cluster
-from pgdurable_async._cluster import find_pg_bindir
-from pgdurable_async._errors import ConfigurationError
+from pgdurable_async._base.errors import ConfigurationError
+from pgdurable_async._store import cluster as _cluster
+from pgdurable_async._store.cluster import find_pg_bindir
 
 
 def _fake_bindir(path: Path, names: tuple[str, ...] = ("initdb", "pg_ctl")) -> Path:

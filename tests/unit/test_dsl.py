@@ -7,11 +7,18 @@ from typing import Any
 import pytest
 
 from pgdurable_async import dsl
-from pgdurable_async._graph import GraphError, compile_graph, walk
-from pgdurable_async._graph_mermaid import to_mermaid
-from pgdurable_async._graph_run import truthy
-from pgdurable_async._graph_sql import COLUMNS_KEY, ReferenceError_, public, rewrite, substitute_text, substitute_vars
-from pgdurable_async._graph_tokens import needs_select, references
+from pgdurable_async._graph.compiler import GraphError, compile_graph, walk
+from pgdurable_async._graph.interpreter import truthy
+from pgdurable_async._graph.mermaid import to_mermaid
+from pgdurable_async._graph.references import (
+    COLUMNS_KEY,
+    ReferenceError_,
+    public,
+    rewrite,
+    substitute_text,
+    substitute_vars,
+)
+from pgdurable_async._graph.tokens import needs_select, references
 
 
 def rows(columns: list[tuple[str, str]], *data: list[Any]) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async import _events as ev
-from pgdurable_async._engine import Event, Execution
-from pgdurable_async._tasks import FiberTask
+from pgdurable_async._base import events as ev
+from pgdurable_async._engine.execution import Event, Execution
+from pgdurable_async._engine.tasks import FiberTask
 
 from .sim import (
     T0,

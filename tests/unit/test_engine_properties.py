@@ -39,9 +39,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pgdurable_async as pgd
-from pgdurable_async import _events as ev
-from pgdurable_async._engine import Event, Execution
-from pgdurable_async._tasks import Task
+from pgdurable_async._base import events as ev
+from pgdurable_async._engine.execution import Event, Execution
+from pgdurable_async._engine.tasks import Task
 
 from .sim import Raise, Sim, assert_history_reproduces, assert_prefix_replays_match, assert_replays_cleanly
 

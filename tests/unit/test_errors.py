@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async import _errors
+from pgdurable_async._base import errors as _errors
 
 ERROR_CLASSES = [
     obj
     for _, obj in inspect.getmembers(_errors, inspect.isclass)
-    if issubclass(obj, BaseException) and obj.__module__ == _errors.__name__
+    if issubclass(obj, BaseException) and obj.__module__ in (_errors.__name__, pgd.__name__)
 ]
 
 #: One instance of every error, built the way the library builds it, and the fields it must keep.

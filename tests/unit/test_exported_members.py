@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import pickle
+import traceback
 import re
 from pathlib import Path
 
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async import _events as ev
+from pgdurable_async._base import events as ev
 
 EXPORTED = [
     "ActivityContext",
@@ -96,12 +98,17 @@ def test_design_document_names_are_exported() -> None:
     assert used <= DESIGN_NAMES, used - DESIGN_NAMES
 
 
-def test_exports_come_from_private_modules() -> None:
+def test_exports_look_public() -> None:
+    """Reprs and tracebacks name ``pgdurable_async.X``, not the private module that defines X."""
     for name in pgd.__all__:
         obj = getattr(pgd, name)
         if inspect.isclass(obj) or inspect.isfunction(obj):
-            assert obj.__module__.startswith("pgdurable_async._"), (name, obj.__module__)
+            assert obj.__module__ == "pgdurable_async", (name, obj.__module__)
+            assert f"{obj.__module__}.{obj.__qualname__}" == f"pgdurable_async.{name}"
         assert not name.startswith("_") or name == "__version__"
+    err = pgd.InstanceFailed("i-1", {"type": "ValueError", "message": "bad"})
+    assert "pgdurable_async.InstanceFailed" in "".join(traceback.format_exception_only(type(err), err))
+    assert pickle.loads(pickle.dumps(err)).error == err.error
 
 
 def test_package_is_typed() -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from pgdurable_async import _events as ev
-from pgdurable_async._engine import Event, Execution
+from pgdurable_async._base import events as ev
+from pgdurable_async._engine.execution import Event, Execution
 
 from . import history_workflows as hw
 from .sim import assert_history_reproduces, load_history

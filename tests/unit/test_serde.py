@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 import pgdurable_async as pgd
-from pgdurable_async._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, error_payload, normalize
+from pgdurable_async._base.events import error_payload
+from pgdurable_async._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, normalize
 
 
 # -- encode ----------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""History event kinds (snake_case strings, part of the public contract) and their payloads.
+
+Each event is one fact.  The ``data`` payload of each kind is documented next to
+it; ``task_id`` numbers the command that scheduled a task within an execution.
+The payload builders below are the one place error documents and the messages a
+child sends its parent are shaped.
+"""
+
+from __future__ import annotations
+
+import traceback as _traceback
+from typing import Any, Final
+
+ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, parent?}
+ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input}
+ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result}
+ACTIVITY_FAILED: Final = "activity_failed"  # {task_id, error, attempts}
+TIMER_CREATED: Final = "timer_created"  # {task_id, fire_at}
+TIMER_FIRED: Final = "timer_fired"  # {task_id}
+EVENT_RECEIVED: Final = "event_received"  # {name, data}
+SUB_ORCHESTRATION_SCHEDULED: Final = "sub_orchestration_scheduled"  # {task_id, name, instance_id, input}
+SUB_ORCHESTRATION_COMPLETED: Final = "sub_orchestration_completed"  # {task_id, instance_id, result}
+SUB_ORCHESTRATION_FAILED: Final = "sub_orchestration_failed"  # {task_id, instance_id, error}
+CUSTOM_STATUS_SET: Final = "custom_status_set"  # {value}
+VERSION_MARKER: Final = "version_marker"  # {change_id, version}
+CANCEL_REQUESTED: Final = "cancel_requested"  # {reason}
+CONTINUED_AS_NEW: Final = "continued_as_new"  # {input}
+ORCHESTRATION_COMPLETED: Final = "orchestration_completed"  # {output}
+ORCHESTRATION_FAILED: Final = "orchestration_failed"  # {error}
+ORCHESTRATION_CANCELLED: Final = "orchestration_cancelled"  # {reason}
+ORCHESTRATION_TERMINATED: Final = "orchestration_terminated"  # {reason}
+
+#: Events that record a command the orchestration code issued (checked on replay).
+COMMAND_KINDS: Final = frozenset({ACTIVITY_SCHEDULED, TIMER_CREATED, SUB_ORCHESTRATION_SCHEDULED})
+
+#: Events that arrive as messages from outside the orchestration code.
+MESSAGE_KINDS: Final = frozenset(
+    {
+        ORCHESTRATION_STARTED,
+        ACTIVITY_COMPLETED,
+        ACTIVITY_FAILED,
+        TIMER_FIRED,
+        EVENT_RECEIVED,
+        SUB_ORCHESTRATION_COMPLETED,
+        SUB_ORCHESTRATION_FAILED,
+        CANCEL_REQUESTED,
+    }
+)
+
+#: Events that end an execution.
+TERMINAL_KINDS: Final = frozenset(
+    {
+        ORCHESTRATION_COMPLETED,
+        ORCHESTRATION_FAILED,
+        ORCHESTRATION_CANCELLED,
+        ORCHESTRATION_TERMINATED,
+        CONTINUED_AS_NEW,
+    }
+)
+
+ALL_KINDS: Final = COMMAND_KINDS | MESSAGE_KINDS | TERMINAL_KINDS | {CUSTOM_STATUS_SET, VERSION_MARKER}
+
+
+# -- payloads -------------------------------------------------------------------------
+def error_info(type_: str, message: str, traceback: str = "", **extra: Any) -> dict[str, Any]:
+    """An error document as history, instance rows and messages store it."""
+    return {"type": type_, "message": message, "traceback": traceback, **extra}
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """The error document of an exception: its type name, message and traceback text."""
+    tb = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure itself
+        message = f"<str() of {type(exc).__name__} failed>"
+    return error_info(type(exc).__name__, message, tb)
+
+
+def cancelled_error(reason: Any) -> dict[str, Any]:
+    """The error a cancelled instance records (``reason`` as given to ``cancel``)."""
+    return {"type": "Cancelled", "message": "cancelled", "reason": reason}
+
+
+def terminated_error(reason: str | None) -> dict[str, Any]:
+    """The error a terminated instance records."""
+    return {"type": "Terminated", "message": reason or "terminated"}
+
+
+def child_completed(task_id: int | None, child_id: str, result: Any) -> dict[str, Any]:
+    """Payload of the ``sub_orchestration_completed`` message a finished child sends its parent."""
+    return {"task_id": task_id, "instance_id": child_id, "result": result}
+
+
+def child_failed(task_id: int | None, child_id: str, error: Any) -> dict[str, Any]:
+    """Payload of the ``sub_orchestration_failed`` message a failed (or stopped) child sends its parent."""
+    return {"task_id": task_id, "instance_id": child_id, "error": error}
+
+
+def activity_failed(task_id: int, error: dict[str, Any], attempts: int) -> dict[str, Any]:
+    """Payload of an ``activity_failed`` message."""
+    return {"task_id": task_id, "error": error, "attempts": attempts}

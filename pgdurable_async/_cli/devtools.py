@@ -1,0 +1,77 @@
+"""``demo`` and ``bench``: the commands that bring their own throwaway PostgreSQL when given no DSN."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+from .._base.errors import ConfigurationError
+from .._store.cluster import EmbeddedCluster
+from .admin import dumps
+from .demo import run_demo
+from .examples import load_example
+
+DSN_ENV = "PGDURABLE_DSN"
+_HARNESS = Path("benchmarks") / "harness.py"
+
+
+@contextlib.asynccontextmanager
+async def database(dsn: str | None) -> AsyncIterator[str]:
+    """``dsn`` itself, or a throwaway embedded cluster's DSN when none is given."""
+    if dsn:
+        yield dsn
+        return
+    print(f"no --dsn or {DSN_ENV}: starting a throwaway PostgreSQL cluster ...", file=sys.stderr, flush=True)
+    async with EmbeddedCluster() as cluster:
+        yield cluster.dsn
+        print("removing the throwaway cluster ...", file=sys.stderr, flush=True)
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo fan-out workflow (or the graph example NAME) on an embedded runtime."""
+    if args.name:
+        example = load_example(args.name)  # fail fast, before a cluster starts
+        async with database(args.dsn) as dsn:
+            await example.run(dsn, out=sys.stdout)
+        return 0
+    async with database(args.dsn) as dsn:
+        await run_demo(dsn, schema=args.schema, fanout=args.fanout, out=sys.stdout)
+    return 0
+
+
+def load_harness() -> ModuleType:
+    """``benchmarks/harness.py`` of the source checkout (the benchmark is not part of the wheel)."""
+    for root in (Path(os.getcwd()), Path(__file__).resolve().parents[2]):
+        path = root / _HARNESS
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("pgdurable_benchmarks.harness", path)
+            if spec is not None and spec.loader is not None:
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+    raise ConfigurationError(
+        "`bench` runs from a source checkout: its harness is benchmarks/harness.py, which the installed "
+        "package does not ship; clone the repository and run it there"
+    )
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the fan-out benchmark (``benchmarks/harness.py``)."""
+    bench = load_harness()
+    out = sys.stderr if args.json else sys.stdout
+    async with database(args.dsn) as dsn:
+        result = await bench.run_bench(
+            dsn, fanout=args.fanout, workflows=args.workflows, concurrency=args.concurrency, out=out
+        )
+    if args.json:
+        print(dumps(result, indent=True))
+    if isinstance(result, dict) and result.get("ok") is False:
+        print("error: the benchmark ran but some of its correctness checks failed", file=sys.stderr)
+        return 1
+    return 0

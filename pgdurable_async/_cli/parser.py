@@ -1,0 +1,124 @@
+"""The argparse tree of ``python -m pgdurable_async``: one sub-command per operation."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+from .._base.types import Status
+from .._base.version import __version__
+from . import admin
+from .devtools import DSN_ENV, cmd_bench, cmd_demo
+from .worker import cmd_migrate, cmd_worker
+
+PROG = "python -m pgdurable_async"
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit 2, like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: one sub-command per operation."""
+    common = _Parser(add_help=False)
+    common.add_argument("--dsn", help=f"PostgreSQL DSN (default: ${DSN_ENV})")
+    common.add_argument("--schema", default="pgdurable", help="schema of the pgdurable tables (default: %(default)s)")
+    common.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="stderr log level (default: INFO for worker, WARNING otherwise)",
+    )
+    parser = _Parser(prog=PROG, description="Durable workflows for asyncio on PostgreSQL.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Command, text: str, *, needs_dsn: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, parents=[common], help=text, description=text)
+        cmd.set_defaults(func=func, needs_dsn=needs_dsn)
+        return cmd
+
+    p = add("worker", cmd_worker, "run a worker for an app until SIGTERM/SIGINT (graceful drain)")
+    p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the pgd.App to serve, e.g. myservice.jobs:app")
+    p.add_argument(
+        "--concurrency", type=count, default=64, metavar="N", help="max concurrent activities (default: %(default)s)"
+    )
+    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S", help="activity lease (default 30)")
+    p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S", help="safety sweep period (default 30)")
+    add("migrate", cmd_migrate, "install or upgrade the database schema")
+    p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
+    p.add_argument("name", help="registered orchestration name")
+    p.add_argument("--input", metavar="JSON", help="input as JSON (default: null)")
+    p.add_argument("--id", metavar="ID", help="instance id (default: generated)")
+    p.add_argument("--wait", action="store_true", help="wait for the output and print it as JSON")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait (implies --wait)")
+    p = add("status", admin.cmd_status, "show one instance")
+    p.add_argument("id", help="instance id")
+    _json_flag(p)
+    p = add("list", admin.cmd_list, "list instances, newest first")
+    p.add_argument("--status", choices=[s.value for s in Status], help="only instances in this status")
+    p.add_argument("--name", help="only instances of this orchestration")
+    p.add_argument("--limit", type=count, default=100, metavar="N", help="at most N rows (default: %(default)s)")
+    _json_flag(p)
+    p = add("history", admin.cmd_history, "show an instance's event history")
+    p.add_argument("id", help="instance id")
+    _json_flag(p)
+    p = add("raise-event", admin.cmd_raise_event, "deliver an event to ctx.wait_for_event(NAME)")
+    p.add_argument("id", help="instance id")
+    p.add_argument("event", metavar="NAME", help="event name")
+    p.add_argument("--data", metavar="JSON", help="event data as JSON (default: null)")
+    p.add_argument("--key", metavar="KEY", help="idempotency key: resending with the same key delivers once")
+    for name, func, text in (
+        ("cancel", admin.cmd_cancel, "cancel an instance cooperatively"),
+        ("terminate", admin.cmd_terminate, "stop an instance now, running no more of its code"),
+    ):
+        p = add(name, func, text)
+        p.add_argument("id", help="instance id")
+        p.add_argument("--reason", help="recorded reason")
+    p = add("purge", admin.cmd_purge, "delete a finished instance and its history")
+    p.add_argument("id", help="instance id")
+    p = add("graph", admin.cmd_graph, "print a graph workflow as Mermaid with each node's state")
+    p.add_argument("id", help="instance id")
+    p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")
+    p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress, or a graph example", needs_dsn=False)
+    p.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME",
+        help="a graph example: document_batch, embedding_pipeline, outbox, maintenance",
+    )
+    p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
+    p = add("bench", cmd_bench, "measure fan-out throughput", needs_dsn=False)
+    p.add_argument(
+        "--fanout", type=count, default=10_000, metavar="N", help="activities in the fan-out (default: %(default)s)"
+    )
+    p.add_argument(
+        "--workflows", type=count, default=1_000, metavar="N", help="3-step workflows to start (default: %(default)s)"
+    )
+    p.add_argument(
+        "--concurrency", type=count, default=256, metavar="N", help="runtime max_concurrency (default: %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="also print the result as JSON (report goes to stderr)")
+    return parser
+
+
+def _json_flag(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _version() -> str:
+    return f"pgdurable_async {__version__}"
+
+

@@ -1,0 +1,95 @@
+"""``worker`` and ``migrate``: serve an app until SIGTERM, install or upgrade the schema."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from .._app import App
+from .._base.errors import ConfigurationError
+from .._runtime import Runtime
+from .._store.migrations import latest_version, migrate
+
+log = logging.getLogger("pgdurable_async.cli")
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attr`` (attr defaults to ``app``) from the current directory, like uvicorn."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise ConfigurationError(f"--app {spec!r} must look like module:attribute")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r} (--app {spec}): {exc}") from exc
+    try:
+        for part in (attr or "app").split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ConfigurationError(f"module {module_name!r} has no attribute {attr or 'app'!r} (--app {spec})") from None
+    if not isinstance(obj, App):
+        raise ConfigurationError(f"--app {spec} is a {type(obj).__name__}, not a pgdurable_async.App")
+    return obj
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve the app until SIGTERM/SIGINT, then drain and exit 0."""
+    app = load_app(args.app)
+    runtime = Runtime(
+        app,
+        args.dsn,
+        schema=args.schema,
+        max_concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        sweep_interval=args.sweep_interval,
+    )
+    # Runtime.stop() must run in the task and cancel-scope level that started it,
+    # so the second-signal watcher's task group encloses the runtime.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            async with runtime:
+                log.info(
+                    "worker %s ready: %d orchestrations, %d activities, concurrency %d",
+                    runtime.worker_id,
+                    len(app.orchestrations),
+                    len(app.activities),
+                    args.concurrency,
+                )
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    log.info("%s received: draining (up to %.0f s)", name, runtime.drain_timeout)
+                    break
+                tg.start_soon(_exit_on_second_signal, signals)
+                await runtime.stop()
+            tg.cancel_scope.cancel()
+    log.info("worker stopped")
+    return 0
+
+
+async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log.warning("second %s: exiting without finishing the drain", signal.Signals(signum).name)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply pending schema migrations."""
+    applied = await migrate(args.dsn, args.schema)
+    if applied:
+        print(f"applied migration(s) {', '.join(map(str, applied))} to schema {args.schema!r}")
+    else:
+        print(f"schema {args.schema!r} is up to date")
+    print(f"schema version: {latest_version()}")
+    return 0

@@ -1,0 +1,277 @@
+"""The client: start, query, signal and wait for instances."""
+
+from __future__ import annotations
+
+import builtins
+import math
+import uuid
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from .._app import App
+from .._base import events as ev
+from .._base.errors import (
+    ConfigurationError,
+    InstanceCancelled,
+    InstanceFailed,
+    InstanceNotFound,
+    InvalidArgument,
+    UnknownNameError,
+)
+from .._base.errors import TimeoutError as DurableTimeout
+from .._base.names import check_id, name_of
+from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode
+from .._base.types import HistoryEvent, InstanceState, Status
+from .._store import Database, instance_store, turn_store
+from .._store.listener import Listener
+from .._store.migrations import require_current
+
+_RECHECK_SECONDS = 30.0  # safety re-check while waiting, in case a NOTIFY was missed
+
+
+class InstanceHandle:
+    """A reference to one instance, returned by :meth:`Client.start`."""
+
+    def __init__(self, client: Client, instance_id: str) -> None:
+        self.client = client
+        self.instance_id = instance_id
+
+    def __repr__(self) -> str:
+        return f"InstanceHandle({self.instance_id!r})"
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the output (see :meth:`Client.wait`)."""
+        return await self.client.wait(self.instance_id, timeout=timeout)
+
+    async def status(self) -> InstanceState:
+        return await self.client.status(self.instance_id)
+
+    async def history(self) -> list[HistoryEvent]:
+        return await self.client.history(self.instance_id)
+
+    async def raise_event(self, name: str, data: Any = None, *, idempotency_key: str | None = None) -> None:
+        await self.client.raise_event(self.instance_id, name, data, idempotency_key=idempotency_key)
+
+    async def cancel(self, reason: str | None = None) -> None:
+        await self.client.cancel(self.instance_id, reason)
+
+    async def terminate(self, reason: str | None = None) -> None:
+        await self.client.terminate(self.instance_id, reason)
+
+
+class Client:
+    """Starts and manages instances.  Connects lazily on the first call.
+
+    ``Client(dsn)`` works alone; ``Runtime.client`` shares the runtime's pool.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "pgdurable",
+        app: App | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        _db: Database | None = None,
+    ) -> None:
+        self._owns_db = _db is None  # a runtime's client shares the runtime's pool
+        if _db is None:
+            if not dsn:
+                raise ConfigurationError("Client needs a DSN (postgresql://user@host:port/dbname)")
+            _db = Database(dsn, schema=schema, min_size=1, max_size=5)
+        self.db = _db
+        self.app = app
+        self.max_payload_bytes = max_payload_bytes
+        self._checked = False
+        self._listener = Listener(self.db, {self.db.channel("done"): self._on_done})
+        self._waiters: dict[str, set[anyio.Event]] = {}
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client's connections (a runtime's client leaves the pool to it)."""
+        await self._listener.close()
+        if self._owns_db:
+            await self.db.close()
+
+    async def _ready(self) -> Database:
+        if not self._checked:
+            await self.db.run(lambda conn: require_current(conn, self.db.schema), transaction=False)
+            self._checked = True
+        return self.db
+
+    # -- starting ----------------------------------------------------------------
+    async def start(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> InstanceHandle:
+        """Start an orchestration (function or registered name); raises on a taken id."""
+        name = name_of(orchestration, kind="orchestration")
+        generated = instance_id is None
+        instance_id = uuid.uuid4().hex if instance_id is None else check_id(instance_id)
+        body = encode(input, what=f"input of {name!r}", limit=self.max_payload_bytes)
+        db = await self._ready()
+        await self._check_registered(name)
+
+        # One statement, atomic on its own.  A generated id can only collide with this call's
+        # own earlier attempt: it committed, then the connection dropped and db.run retried.
+        await db.run(
+            lambda conn: instance_store.start(conn, instance_id=instance_id, name=name, input_json=body,
+                                              fresh_id=generated),
+            transaction=False,
+        )
+        return InstanceHandle(self, instance_id)
+
+    async def _check_registered(self, name: str) -> None:
+        if self.app is not None and name in self.app.orchestrations:
+            return
+        found = await self.db.run(
+            lambda conn: turn_store.known_names(conn, kind="orchestration", names=[name]), transaction=False
+        )
+        if not found:
+            raise UnknownNameError(
+                f"no orchestration named {name!r} is registered by any runtime of this database",
+                kind="orchestration",
+                name=name,
+            )
+
+    def get_handle(self, instance_id: str) -> InstanceHandle:
+        """A handle for an existing instance id."""
+        return InstanceHandle(self, check_id(instance_id))
+
+    # -- querying ---------------------------------------------------------------------
+    async def status(self, instance_id: str) -> InstanceState:
+        """The current state of an instance; raises :class:`InstanceNotFound`."""
+        check_id(instance_id)
+        db = await self._ready()
+        state = await db.run(lambda conn: instance_store.get_instance(conn, instance_id=instance_id),
+                             transaction=False)
+        if state is None:
+            raise InstanceNotFound(instance_id)
+        return state
+
+    async def list(
+        self, status: Status | str | None = None, name: Any = None, limit: int = 100
+    ) -> builtins.list[InstanceState]:
+        """Instances, newest first, optionally filtered by status and orchestration name."""
+        try:
+            status_value = Status(status).value if status is not None else None
+        except ValueError:
+            raise InvalidArgument(f"unknown status {status!r}; one of {', '.join(Status)}") from None
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidArgument(f"limit must be a non-negative integer, not {limit!r}")
+        name_value = name_of(name, kind="orchestration") if name is not None else None
+        db = await self._ready()
+        return await db.run(
+            lambda conn: instance_store.list_instances(conn, status=status_value, name=name_value, limit=int(limit)),
+            transaction=False,
+        )
+
+    async def history(self, instance_id: str, *, execution_id: int | None = None) -> builtins.list[HistoryEvent]:
+        """The events of the current (or given) execution, in ``seq`` order."""
+        state = await self.status(instance_id)
+        return await self.db.run(
+            lambda conn: instance_store.get_history(conn, instance_id=state.instance_id, execution_id=execution_id),
+            transaction=False,
+        )
+
+    # -- signalling -------------------------------------------------------------------
+    async def raise_event(
+        self, instance_id: str, name: str, data: Any = None, *, idempotency_key: str | None = None
+    ) -> None:
+        """Deliver an event to ``ctx.wait_for_event(name)``; a finished instance ignores it.
+
+        Each call is delivered at most once, even when a dropped connection makes the
+        client retry it.  Calls that pass the same ``idempotency_key`` for one instance
+        deliver the event once (for callers that retry on their own).
+        """
+        check_id(name, "event name")
+        if idempotency_key is None:
+            idempotency_key = uuid.uuid4().hex
+        check_id(idempotency_key, "idempotency key")
+        event = {"name": name, "data": data, "delivery_key": idempotency_key}
+        body = encode(event, what=f"data of event {name!r}", limit=self.max_payload_bytes)
+        await self._send(instance_id, ev.EVENT_RECEIVED, body)
+
+    async def cancel(self, instance_id: str, reason: str | None = None) -> None:
+        """Ask the instance to stop: ``pgd.Cancelled`` is raised at its current await."""
+        body = encode({"reason": reason}, what="cancel reason", limit=self.max_payload_bytes)
+        await self._send(instance_id, ev.CANCEL_REQUESTED, body)
+
+    async def _send(self, instance_id: str, kind: str, body: str) -> None:
+        check_id(instance_id)
+        db = await self._ready()
+
+        await db.run(lambda conn: instance_store.send(conn, instance_id=instance_id, kind=kind, payload_json=body))
+
+    async def terminate(self, instance_id: str, reason: str | None = None) -> None:
+        """Stop the instance now, without running any more of its code."""
+        check_id(instance_id)
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgument(f"reason must be a string, not {type(reason).__name__}")
+        encode(reason, what="terminate reason", limit=self.max_payload_bytes)  # NUL, size
+        db = await self._ready()
+
+        await db.run(lambda conn: instance_store.terminate(conn, instance_id=instance_id, reason=reason))
+
+    async def purge(self, instance_id: str) -> None:
+        """Delete a finished instance and its history."""
+        check_id(instance_id)
+        db = await self._ready()
+
+        await db.run(lambda conn: instance_store.purge(conn, instance_id=instance_id))
+
+    # -- waiting ----------------------------------------------------------------------
+    async def wait(self, instance_id: str, timeout: float | None = None) -> Any:
+        """Wait until the instance finishes and return its output.
+
+        Raises :class:`InstanceFailed`, :class:`Cancelled` or :class:`pgd.TimeoutError`.
+        Woken by NOTIFY; no polling.
+        """
+        check_id(instance_id)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        await self._ensure_listener()
+        while True:
+            event = anyio.Event()
+            self._waiters.setdefault(instance_id, set()).add(event)
+            try:
+                state = await self.status(instance_id)
+                if state.status.is_terminal:
+                    return _outcome(state)
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    raise DurableTimeout(f"instance {instance_id!r} did not finish within {timeout} s",
+                                         instance_id=instance_id)
+                with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
+                    await event.wait()
+                await self._ensure_listener()  # reconnects if the session was lost; then we re-check
+            finally:
+                waiters = self._waiters.get(instance_id)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del self._waiters[instance_id]
+
+    async def _ensure_listener(self) -> None:
+        await self._ready()
+        await self._listener.ensure()
+
+    def _on_done(self, instance_id: str) -> None:
+        for event in self._waiters.get(instance_id, ()):
+            event.set()
+
+
+def _outcome(state: InstanceState) -> Any:
+    if state.status is Status.COMPLETED:
+        return state.output
+    if state.status is Status.CANCELLED:
+        reason = state.error.get("reason") if isinstance(state.error, dict) else None
+        raise InstanceCancelled(
+            f"instance {state.instance_id!r} was cancelled", instance_id=state.instance_id, reason=reason
+        )
+    raise InstanceFailed(state.instance_id, state.error)

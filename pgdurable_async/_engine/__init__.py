@@ -1,0 +1,13 @@
+"""The pure replay engine: an execution is fed history events and returns new ones.
+
+No database, no driver, no asyncio or anyio in here (an import contract keeps it
+so): :class:`Execution` runs an orchestration's coroutine over recorded and new
+events, :class:`OrchestrationContext` is what the code awaits through, and the
+tasks in ``tasks`` are what it awaits.
+"""
+
+from .context import ContinueAsNew, OrchestrationContext
+from .execution import Event, Execution, OrchestrationFn
+from .tasks import Task
+
+__all__ = ["ContinueAsNew", "Event", "Execution", "OrchestrationContext", "OrchestrationFn", "Task"]

@@ -1,0 +1,270 @@
+"""Graph JSON: the one representation both graph front ends compile to.
+
+The SQL ``df`` layer (``schema/0002_graph.sql``) and :mod:`pgdurable_async.dsl`
+both build a tree of JSON nodes, each an object with a ``"type"``::
+
+    sql {query}                    seq {steps}              join {branches}
+    race {branches}                bind {name, node}        if {cond, then, else}
+    if_rows {name | cond, then, else}                       loop {body, cond, continue_on_failure}
+    break {value}                  sleep {seconds}          wait_for_schedule {cron}
+    wait_for_signal {name, timeout}                         http {url, method, body, headers, timeout}
+    call {name, input}             activity {name, input}   fan_out {over, step, limit, as}
+
+:func:`compile_graph` checks a tree (unknown types, malformed fields, bad cron,
+``$name`` references used before a ``bind`` binds them on every path), flattens
+nested ``seq`` nodes and gives every node a stable path-based ``id`` (``n0``,
+``n0.1``, ...).  It raises :class:`GraphError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from .._base.errors import PgDurableError
+from .tokens import references
+
+NODE_TYPES = frozenset({
+    "sql", "seq", "join", "race", "bind", "if", "if_rows", "loop", "break", "sleep",
+    "wait_for_schedule", "wait_for_signal", "http", "call", "activity", "fan_out",
+})
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"})
+# Fields holding child nodes, in id order.
+_CHILD_FIELDS: dict[str, tuple[str, ...]] = {
+    "bind": ("node",),
+    "if": ("cond", "then", "else"),
+    "if_rows": ("cond", "then", "else"),
+    "loop": ("body", "cond"),
+    "fan_out": ("step",),
+}
+
+
+class GraphError(PgDurableError):
+    """A graph is malformed: unknown node type, bad field, bad cron, unbound reference."""
+
+    def __init__(self, message: str = "", *, node_id: str | None = None) -> None:
+        super().__init__(message if node_id is None else f"{message} (node {node_id})", node_id=node_id)
+
+
+def children(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """The child nodes of a compiled node, in id order (absent optional children skipped)."""
+    kind = node["type"]
+    if kind == "seq":
+        return list(node["steps"])
+    if kind in ("join", "race"):
+        return list(node["branches"])
+    return [node[f] for f in _CHILD_FIELDS.get(kind, ()) if node.get(f) is not None]
+
+
+def walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of a compiled tree, depth first, parents before children."""
+    yield node
+    for child in children(node):
+        yield from walk(child)
+
+
+def compile_graph(graph: Any, *, bound: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A checked, id-stamped copy of ``graph`` (see the module docstring)."""
+    if not isinstance(graph, dict):
+        raise GraphError(f"a graph node must be a JSON object, got {type(graph).__name__}")
+    tree = _normalize(copy.deepcopy(graph), "n0")
+    _check_bindings(tree, set(bound))
+    return tree
+
+
+# -- normalisation --------------------------------------------------------------------
+def _normalize(raw: Any, node_id: str) -> dict[str, Any]:
+    node: Any = raw
+    if isinstance(node, str):  # a bare string in a node position is SQL (auto-wrap)
+        node = {"type": "sql", "query": node}
+    if not isinstance(node, dict):
+        raise GraphError(f"a graph node must be a JSON object, got {type(node).__name__}", node_id=node_id)
+    kind = node.get("type")
+    if kind not in NODE_TYPES:
+        raise GraphError(f"unknown node type {kind!r}; known: {', '.join(sorted(NODE_TYPES))}", node_id=node_id)
+    node = dict(node)
+    node["id"] = node_id
+    checked: dict[str, Any] = node
+    if kind == "seq":
+        steps = _flatten_seq(_list(node, "steps", node_id))
+        if not steps:
+            raise GraphError("a seq needs at least one step", node_id=node_id)
+        node["steps"] = [_normalize(s, f"{node_id}.{i}") for i, s in enumerate(steps)]
+    elif kind in ("join", "race"):
+        branches = _list(node, "branches", node_id)
+        if not branches:
+            raise GraphError(f"a {kind} needs at least one branch", node_id=node_id)
+        node["branches"] = [_normalize(b, f"{node_id}.{i}") for i, b in enumerate(branches)]
+    else:
+        for i, field in enumerate(_CHILD_FIELDS.get(kind, ())):
+            if node.get(field) is not None:
+                node[field] = _normalize(node[field], f"{node_id}.{i}")
+    _check_fields(checked, node_id)
+    return checked
+
+
+def _flatten_seq(steps: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "seq" and isinstance(step.get("steps"), list):
+            flat.extend(_flatten_seq(step["steps"]))
+        else:
+            flat.append(step)
+    return flat
+
+
+def _list(node: dict[str, Any], field: str, node_id: str) -> list[Any]:
+    value = node.get(field)
+    if not isinstance(value, list):
+        raise GraphError(f"{node['type']}.{field} must be a list", node_id=node_id)
+    return value
+
+
+def _text(node: dict[str, Any], field: str, node_id: str, *, optional: bool = False) -> None:
+    value = node.get(field)
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        raise GraphError(f"{node['type']}.{field} must be a non-empty string", node_id=node_id)
+
+
+def _number(node: dict[str, Any], field: str, node_id: str, *, optional: bool = False) -> None:
+    value = node.get(field)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise GraphError(f"{node['type']}.{field} must be a number >= 0", node_id=node_id)
+
+
+def _check_fields(node: dict[str, Any], node_id: str) -> None:
+    kind = node["type"]
+    if kind == "sql":
+        _text(node, "query", node_id)
+    elif kind == "bind":
+        _text(node, "name", node_id)
+        if not _is_identifier(node["name"]):
+            raise GraphError(f"bind name {node['name']!r} must be an identifier", node_id=node_id)
+        if node.get("node") is None:
+            raise GraphError("bind needs a node", node_id=node_id)
+    elif kind == "if":
+        if node.get("cond") is None or node.get("then") is None:
+            raise GraphError("if needs cond and then", node_id=node_id)
+    elif kind == "if_rows":
+        if node.get("then") is None or (node.get("cond") is None and not isinstance(node.get("name"), str)):
+            raise GraphError("if_rows needs a result name (or a cond node) and then", node_id=node_id)
+    elif kind == "loop":
+        if node.get("body") is None:
+            raise GraphError("loop needs a body", node_id=node_id)
+        node["continue_on_failure"] = bool(node.get("continue_on_failure", False))
+    elif kind == "sleep":
+        _number(node, "seconds", node_id)
+    elif kind == "wait_for_schedule":
+        _text(node, "cron", node_id)
+        check_cron(node["cron"], node_id)
+    elif kind == "wait_for_signal":
+        _text(node, "name", node_id)
+        _number(node, "timeout", node_id, optional=True)
+    elif kind == "http":
+        _text(node, "url", node_id)
+        method = str(node.get("method") or "POST").upper()
+        if method not in HTTP_METHODS:
+            raise GraphError(f"unsupported HTTP method {method!r}", node_id=node_id)
+        node["method"] = method
+        _number(node, "timeout", node_id, optional=True)
+        if node.get("headers") is not None and not isinstance(node["headers"], dict):
+            raise GraphError("http.headers must be a JSON object", node_id=node_id)
+    elif kind in ("call", "activity"):
+        _text(node, "name", node_id)
+    elif kind == "fan_out":
+        _text(node, "over", node_id)
+        if node.get("step") is None:
+            raise GraphError("fan_out needs a step", node_id=node_id)
+        _number(node, "limit", node_id, optional=True)
+        if node.get("limit") is not None and node["limit"] < 1:
+            raise GraphError("fan_out.limit must be at least 1", node_id=node_id)
+        node.setdefault("as", "item")
+
+
+def _is_identifier(name: str) -> bool:
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name)
+
+
+def check_cron(expr: str, node_id: str | None = None) -> None:
+    """Raise :class:`GraphError` if ``expr`` is not a valid 5-field cron expression."""
+    try:
+        from cronsim import CronSim, CronSimError
+    except ImportError:
+        raise GraphError(
+            "wait_for_schedule needs the cronsim package: pip install 'pgdurable_async[graph]'", node_id=node_id
+        ) from None
+    from datetime import UTC, datetime
+
+    if len(expr.split()) != 5:
+        raise GraphError(f"bad cron expression {expr!r}: expected 5 fields", node_id=node_id)
+    try:
+        CronSim(expr, datetime.now(UTC))
+    except CronSimError as exc:
+        raise GraphError(f"bad cron expression {expr!r}: {exc}", node_id=node_id) from None
+
+
+# -- reference checking -----------------------------------------------------------------
+def _texts_of(node: dict[str, Any]) -> list[str]:
+    """The strings of a node that may hold ``$name`` references."""
+    kind = node["type"]
+    if kind == "sql":
+        return [node["query"]]
+    if kind == "http":
+        out = [node["url"]]
+        if isinstance(node.get("body"), str):
+            out.append(node["body"])
+        out.extend(str(v) for v in (node.get("headers") or {}).values())
+        return out
+    return []
+
+
+def _check_bindings(node: dict[str, Any], bound: set[str]) -> set[str]:
+    """Check references against what is bound on every path; return what is bound after."""
+    kind, node_id = node["type"], node["id"]
+    for text in _texts_of(node):
+        for ref in references(text, sql=kind == "sql"):
+            if ref.name not in bound and not ref.null_safe:
+                raise GraphError(
+                    f"${ref.name} is used before it is bound on every path (bind it with |=> '{ref.name}')",
+                    node_id=node_id,
+                )
+    if kind == "seq":
+        for step in node["steps"]:
+            bound = _check_bindings(step, bound)
+        return bound
+    if kind == "join":
+        after = set(bound)
+        for branch in node["branches"]:
+            after |= _check_bindings(branch, set(bound))
+        return after
+    if kind == "race":
+        outs = [_check_bindings(b, set(bound)) for b in node["branches"]]
+        return set.intersection(*outs)
+    if kind == "bind":
+        return _check_bindings(node["node"], bound) | {node["name"]}
+    if kind in ("if", "if_rows"):
+        if kind == "if_rows" and node.get("cond") is None and node["name"] not in bound:
+            raise GraphError(f"if_rows tests {node['name']!r}, which is not bound here", node_id=node_id)
+        if node.get("cond") is not None:
+            bound = _check_bindings(node["cond"], bound)
+        then = _check_bindings(node["then"], set(bound))
+        other = _check_bindings(node["else"], set(bound)) if node.get("else") is not None else set(bound)
+        return then & other
+    if kind == "loop":  # the condition runs after each iteration of the body
+        inner = _check_bindings(node["body"], set(bound))
+        if node.get("cond") is not None:
+            _check_bindings(node["cond"], inner)
+        return bound
+    if kind == "wait_for_signal":
+        return bound | {node["name"]}
+    if kind == "fan_out":
+        if node["over"] not in bound:
+            raise GraphError(f"fan_out over {node['over']!r}, which is not bound here", node_id=node_id)
+        _check_bindings(node["step"], bound | {node["as"]})
+        return bound
+    return bound

@@ -1,0 +1,240 @@
+"""Activity execution: batched claims under a lease, bounded concurrency, batched acks.
+
+A claimed item carries a lease token; its completion is acked only while the
+token still matches (``ack_work`` deletes the item and inserts the result
+message in one statement), so a late result from a lost lease is ignored.
+Transactional activities lock their item for the whole of their transaction
+and ack inside it: their SQL and their completion commit together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from .._app import App
+from .._base import events as ev
+from .._base.definitions import ActivityContext, ActivityDef, TransactionContext
+from .._base.errors import Cancelled, DatabaseError, SerializationError
+from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps, encode
+from .._store import Connection, Database, work_store
+from .._store.records import Outcome, WorkItem
+from .wakeup import Wakeup
+
+log = logging.getLogger("pgdurable_async.activities")
+
+
+class ActivityWorker:
+    """Claims, runs and acks the activities one app registers."""
+
+    def __init__(
+        self,
+        db: Database,
+        app: App,
+        *,
+        worker_id: str,
+        max_concurrency: int = 64,
+        lease_seconds: float = 30.0,
+        claim_batch: int = 512,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.db = db
+        self.app = app
+        self.names = sorted(app.activities)
+        self.worker_id = worker_id
+        self.max_concurrency = max_concurrency
+        self.lease_seconds = lease_seconds
+        self.claim_batch = claim_batch
+        self.max_payload_bytes = max_payload_bytes
+        self.inflight: dict[int, WorkItem] = {}  # leased and not yet acked (leases are extended)
+        self.running = 0  # claimed and still executing: what max_concurrency bounds
+        self.acks_pending = Wakeup()
+        self.acked = Wakeup()  # set after each ack batch commits (results are now messages)
+        self.capacity = Wakeup()
+        self._outcomes: list[Outcome] = []
+        self.stats = {"completed": 0, "failed": 0, "retried": 0, "acks": 0}
+        self._user_search_path: str | None = None  # learned on the first transactional activity
+
+    @property
+    def free(self) -> int:
+        """Slots for new claims; none while too many finished items wait for their ack."""
+        if len(self._outcomes) >= 4 * self.max_concurrency:
+            return 0
+        return self.max_concurrency - self.running
+
+    # -- claiming ---------------------------------------------------------------
+    async def claim(self) -> list[WorkItem]:
+        """Lease up to the free capacity of ready items (one statement)."""
+        want = min(self.free, self.claim_batch)
+        if want <= 0 or not self.names:
+            return []
+        items = await self.db.run(
+            lambda conn: work_store.claim_work(
+                conn, names=self.names, limit=want, lease_seconds=self.lease_seconds, owner=self.worker_id
+            ),
+            transaction=False,
+        )
+        for item in items:
+            self.inflight[item.id] = item
+        self.running += len(items)
+        return items
+
+    async def next_due(self) -> float | None:
+        """Seconds until the earliest queued item becomes visible (None: queue empty)."""
+        due: datetime | None = await self.db.run(
+            lambda conn: work_store.next_work_due(conn, names=self.names), transaction=False
+        )
+        if due is None:
+            return None
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+
+    # -- running ----------------------------------------------------------------
+    async def execute_batch(self, items: list[WorkItem]) -> None:
+        """Run claimed items concurrently: one runtime task per batch, not per item."""
+        await asyncio.gather(*(self.execute(item) for item in items))
+
+    async def execute(self, item: WorkItem) -> None:
+        """Run one claimed item to an outcome; never raises."""
+        try:
+            await self._execute(item)
+        finally:
+            self.running -= 1
+            self._freed()
+
+    async def _execute(self, item: WorkItem) -> None:
+        definition = self.app.activities[item.name]
+        try:
+            if definition.timeout is None:  # a cancel scope per call is not free: only when needed
+                await self._attempt(definition, item)
+            else:
+                with anyio.move_on_after(definition.timeout) as scope:
+                    await self._attempt(definition, item)
+                if scope.cancelled_caught:
+                    raise builtins.TimeoutError(f"the attempt ran longer than its timeout of {definition.timeout:g} s")
+        except anyio.get_cancelled_exc_class() as exc:
+            if _runtime_is_cancelling():
+                raise  # shutdown: the item's lease is released or expires
+            self._finish(self._failure(definition, item, exc))  # the activity raised it itself
+        except (Exception, SystemExit, Cancelled) as exc:  # noqa: BLE001 - the activity's failure is data
+            self._finish(self._failure(definition, item, exc))
+
+    async def _attempt(self, definition: ActivityDef, item: WorkItem) -> None:
+        if definition.transactional:
+            await self._execute_transactional(definition, item)
+        else:
+            ctx = ActivityContext(item.instance_id, item.activity_id, item.name, item.attempt)
+            result = await definition.fn(ctx, item.input)
+            self._finish(self._success(item, result))
+
+    async def _execute_transactional(self, definition: ActivityDef, item: WorkItem) -> None:
+        async def work(conn: Connection) -> None:
+            if not await work_store.lock_work_item(conn, item):
+                return  # lease lost: someone else owns this item now
+            if self._user_search_path is None:
+                self._user_search_path = await work_store.user_search_path(conn)
+            await work_store.set_search_path(conn, self._user_search_path)  # the user's tables, not ours
+            ctx = TransactionContext(item.instance_id, item.activity_id, item.name, item.attempt, conn=conn)
+            result = await definition.fn(ctx, item.input)
+            outcome = self._success(item, result)
+            if outcome.kind != ev.ACTIVITY_COMPLETED:
+                raise _Unencodable(outcome)
+            await work_store.set_search_path(conn, self.db.schema)
+            await work_store.ack_work(conn, [outcome])
+
+        try:
+            await self.db.run(work, reset_session=True)
+        except _Unencodable as bad:
+            self._finish(bad.outcome)
+            return
+        except DatabaseError as exc:  # the activity's own SQL failed (or the database stayed away)
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            self._finish(self._failure(definition, item, cause))
+            return
+        self.inflight.pop(item.id, None)
+        self.stats["completed"] += 1
+        self.acked.set()
+
+    def _success(self, item: WorkItem, result: Any) -> Outcome:
+        try:
+            body = encode(result, what=f"result of activity {item.name!r}", limit=self.max_payload_bytes)
+        except SerializationError as exc:
+            payload = ev.activity_failed(item.task_id, ev.error_payload(exc), item.attempt)
+            return Outcome(item, ev.ACTIVITY_FAILED, dumps(payload))
+        return Outcome(item, ev.ACTIVITY_COMPLETED, f'{{"task_id":{item.task_id},"result":{body}}}')
+
+    def _failure(self, definition: ActivityDef, item: WorkItem, exc: BaseException) -> Outcome:
+        policy = item.retry or definition.retry
+        error = ev.error_payload(exc)
+        if policy.should_retry(item.attempt, error["type"]):
+            return Outcome(item, "retry", delay=policy.delay(item.attempt))
+        return Outcome(item, ev.ACTIVITY_FAILED, dumps(ev.activity_failed(item.task_id, error, item.attempt)))
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self.acks_pending.set()
+
+    def _freed(self) -> None:
+        if self.free >= max(1, self.max_concurrency // 4) or not self.running:
+            self.capacity.set()
+
+    # -- acking -----------------------------------------------------------------
+    async def flush(self) -> tuple[int, int]:
+        """Write every buffered outcome in one transaction; returns (acked, retried)."""
+        batch, self._outcomes = self._outcomes, []
+        if not batch:
+            return 0, 0
+        acks = [o for o in batch if o.kind != "retry"]
+        retries = [o for o in batch if o.kind == "retry"]
+
+        async def write(conn: Connection) -> None:
+            if acks:
+                await work_store.ack_work(conn, acks)
+            if retries:
+                await work_store.retry_work(conn, retries)
+
+        try:  # one statement needs no explicit transaction (it is atomic on its own)
+            await self.db.run(write, retry_for=math.inf, transaction=bool(retries))
+        except BaseException:
+            self._outcomes[:0] = batch  # keep them for the next flush
+            raise
+        for o in batch:
+            self.inflight.pop(o.item.id, None)
+        self.stats["acks"] += 1
+        self.stats["completed"] += sum(1 for o in acks if o.kind == ev.ACTIVITY_COMPLETED)
+        self.stats["failed"] += sum(1 for o in acks if o.kind == ev.ACTIVITY_FAILED)
+        self.stats["retried"] += len(retries)
+        self.acked.set()
+        self._freed()
+        return len(acks), len(retries)
+
+    async def extend_leases(self) -> None:
+        """Push the lease expiry of running, non-transactional items forward."""
+        tokens = [i.lease_token for i in self.inflight.values() if not self.app.activities[i.name].transactional]
+        if tokens:
+            await self.db.run(
+                lambda conn: work_store.extend_leases(conn, tokens=tokens, lease_seconds=self.lease_seconds),
+                transaction=False,
+            )
+
+    async def release(self, items: list[WorkItem]) -> None:
+        """Give unfinished items back at once (graceful shutdown)."""
+        if items:
+            await self.db.run(lambda conn: work_store.release_leases(conn, items), transaction=False, retry_for=5)
+
+
+class _Unencodable(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("activity result could not be encoded")
+        self.outcome = outcome
+
+
+def _runtime_is_cancelling() -> bool:
+    """True when this task is being cancelled (rather than user code raising CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

@@ -1,0 +1,390 @@
+"""Orchestration turns: claim instances, replay, append events, emit work — one transaction.
+
+Several instances share a transaction (a batch), and every write is one
+multi-row statement for the whole batch.  Replay state is kept in an LRU cache
+and reused when the stored history length matches, so a turn that adds k events
+costs O(k), not O(history).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .._app import App
+from .._base import events as ev
+from .._base.errors import DatabaseError
+from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps
+from .._base.types import TERMINAL_STATUSES
+from .._engine import Event, Execution
+from .._store import Connection, Database, turn_store
+from .._store.records import (
+    ChildWrite,
+    HistoryWrite,
+    InstanceRow,
+    InstanceUpdate,
+    Message,
+    MessageWrite,
+    TimerWrite,
+    WorkWrite,
+)
+
+log = logging.getLogger("pgdurable_async.turns")
+
+_QUARANTINE_SECONDS = 60
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, DatabaseError) and bool(getattr(exc, "transient", False))
+
+
+_FINAL_STATUS = {
+    ev.ORCHESTRATION_COMPLETED: "completed",
+    ev.ORCHESTRATION_FAILED: "failed",
+    ev.ORCHESTRATION_CANCELLED: "cancelled",
+}
+
+
+@dataclass
+class _Writes:
+    """Everything a batch of turns writes, gathered into one statement per table."""
+
+    history: list[HistoryWrite] = field(default_factory=list)
+    work: list[WorkWrite] = field(default_factory=list)
+    timers: list[TimerWrite] = field(default_factory=list)
+    children: list[ChildWrite] = field(default_factory=list)
+    messages: list[MessageWrite] = field(default_factory=list)
+    updates: list[InstanceUpdate] = field(default_factory=list)
+    consumed: list[int] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+
+def _to_parent(row: InstanceRow, kind: str, payload: dict[str, object]) -> MessageWrite:
+    """The message that tells ``row``'s parent how its child ended."""
+    assert row.parent_instance_id is not None
+    return MessageWrite(row.parent_instance_id, row.parent_execution_id, kind, dumps(payload))
+
+
+class TurnProcessor:
+    """Runs batches of orchestration turns for the orchestrations an app registers."""
+
+    def __init__(
+        self,
+        db: Database,
+        app: App,
+        *,
+        batch_size: int = 32,
+        cache_size: int = 10_000,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.db = db
+        self.app = app
+        self.names = sorted(app.orchestrations)
+        self.batch_size = batch_size
+        self.cache_size = cache_size
+        self.max_payload_bytes = max_payload_bytes
+        self._cache: OrderedDict[str, Execution] = OrderedDict()
+        self._known: dict[str, set[str]] = {"activity": set(app.activities), "orchestration": set(app.orchestrations)}
+        self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
+        self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
+
+    async def run_batch(self) -> int:
+        """Claim and run one batch of turns; returns how many instances advanced.
+
+        If the batch cannot be written, its instances are retried one by one, so
+        one bad instance fails alone instead of stalling the others.
+        """
+        if not self.names:
+            return 0
+        try:
+            return await self._committed(None)
+        except Exception as exc:  # noqa: BLE001 - isolate whatever broke the batch
+            if _transient(exc):
+                raise
+            log.warning("a turn batch failed (%s); retrying its instances one by one", exc)
+            return await self._one_by_one()
+
+    async def _committed(self, only: str | None) -> int:
+        """Run one batch transaction; cache its executions only once it has committed."""
+        runs: dict[str, Execution] = {}
+        try:
+            count = await self.db.run(functools.partial(self._batch, only=only, runs=runs))
+        except BaseException:
+            self._discard(runs)
+            raise
+        self._remember(runs)
+        return count
+
+    async def _one_by_one(self) -> int:
+        ids = await self.db.run(self._claimable, transaction=False)
+        done = 0
+        for instance_id in ids:
+            try:
+                done += await self._committed(instance_id)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                if _transient(exc):
+                    raise
+                failure: Exception = exc
+            try:
+                await self.db.run(functools.partial(self._fail_instance, instance_id=instance_id, exc=failure))
+            except Exception as exc:  # noqa: BLE001
+                if _transient(exc):
+                    raise
+                log.error("instance %r can be neither advanced nor failed (%s); set aside for %d s",
+                          instance_id, exc, _QUARANTINE_SECONDS)
+                self._quarantine[instance_id] = time.monotonic() + _QUARANTINE_SECONDS
+            done += 1
+        return done
+
+    def _excluded(self) -> list[str]:
+        now = time.monotonic()
+        for instance_id in [i for i, until in self._quarantine.items() if until <= now]:
+            del self._quarantine[instance_id]
+        return list(self._quarantine)
+
+    async def _claim(self, conn: Connection) -> list[InstanceRow]:
+        """Lock a batch of instances that have messages (skipping quarantined ones)."""
+        return await turn_store.claim_instances(
+            conn, names=self.names, limit=self.batch_size, scan=self.batch_size * 4, excluded=self._excluded()
+        )
+
+    async def _claimable(self, conn: Connection) -> list[str]:
+        return [r.instance_id for r in await self._claim(conn)]
+
+    async def _fail_instance(self, conn: Connection, instance_id: str, exc: Exception) -> None:
+        row = await turn_store.lock_instance(conn, instance_id=instance_id)
+        if row is None or row.status in TERMINAL_STATUSES:
+            return
+        self._forget(instance_id)
+        w = _Writes()
+        error = ev.error_info("TurnError", f"a turn could not be written: {exc}")
+        seq = await turn_store.last_seq(conn, instance_id=instance_id, execution_id=row.execution_id) + 1
+        w.history.append(HistoryWrite(instance_id, row.execution_id, seq, ev.ORCHESTRATION_FAILED,
+                                      dumps({"error": error}), datetime.now(UTC)))
+        w.updates.append(InstanceUpdate(instance_id, "failed", None, dumps(error), False, None, row.execution_id,
+                                        seq, None))
+        w.finished.append(instance_id)
+        w.consumed.extend(m.id for m in await turn_store.fetch_messages(conn, instance_ids=[instance_id]))
+        if row.parent_instance_id:
+            w.messages.append(_to_parent(row, ev.SUB_ORCHESTRATION_FAILED,
+                                         ev.child_failed(row.parent_task_id, instance_id, error)))
+        await self._write(conn, w)
+
+    # -- one batch -------------------------------------------------------------
+    async def _batch(self, conn: Connection, only: str | None, runs: dict[str, Execution]) -> int:
+        self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
+        if only is None:
+            rows = await self._claim(conn)
+        else:
+            rows = [r for r in [await turn_store.lock_instance(conn, instance_id=only)] if r is not None]
+        if not rows:
+            return 0
+        inbox: dict[str, list[Message]] = defaultdict(list)
+        for msg in await turn_store.fetch_messages(conn, instance_ids=[r.instance_id for r in rows]):
+            inbox[msg.instance_id].append(msg)
+
+        now = datetime.now(UTC)
+        w = _Writes()
+        live: list[tuple[InstanceRow, list[Message]]] = []
+        for row in rows:
+            msgs = inbox.get(row.instance_id, [])
+            w.consumed.extend(m.id for m in msgs)
+            current = [m for m in msgs if m.execution_id in (None, row.execution_id)]
+            current.sort(key=lambda m: m.kind != ev.ORCHESTRATION_STARTED)  # a start goes first (stable)
+            if row.status in TERMINAL_STATUSES or not current:
+                continue
+            live.append((row, current))
+        await self._load(conn, [row for row, _ in live], runs)
+
+        for row, current in live:
+            execution = runs[row.instance_id]
+            new_events = execution.advance([(m.kind, m.payload) for m in current], now)
+            self._plan(row, execution, row.history_len, new_events, w)
+        await self._check_names(conn, w)
+        await self._write(conn, w)
+        self.stats["turns"] += len(live)
+        return len(rows)
+
+    async def _load(self, conn: Connection, rows: list[InstanceRow], runs: dict[str, Execution]) -> None:
+        """Executions for ``rows``: from the cache when current, else by replaying history."""
+        cold: list[InstanceRow] = []
+        for row in rows:
+            # Taken out of the cache for the turn: put back only after the commit.
+            cached = self._cache.pop(row.instance_id, None)
+            if (
+                cached is not None
+                and cached.execution_id == row.execution_id
+                and cached.history_len == row.history_len
+                and not cached.finished
+            ):
+                runs[row.instance_id] = cached
+                self.stats["cache_hits"] += 1
+            else:
+                if cached is not None:
+                    cached.close()  # stale: another worker advanced it
+                runs[row.instance_id] = self._new_execution(row)
+                if row.history_len > 0:
+                    cold.append(row)
+        if not cold:
+            return
+        histories = await turn_store.fetch_histories(conn, executions=[(r.instance_id, r.execution_id) for r in cold])
+        for row in cold:
+            events = histories.get(row.instance_id, [])
+            runs[row.instance_id].replay(Event(e.kind, e.data, e.recorded_at) for e in events if e.recorded_at)
+            self.stats["replays"] += 1
+
+    def _new_execution(self, row: InstanceRow) -> Execution:
+        definition = self.app.orchestrations[row.name]
+        return Execution(
+            definition.fn,  # type: ignore[arg-type]
+            instance_id=row.instance_id,
+            execution_id=row.execution_id,
+            name=row.name,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+
+    def _remember(self, runs: dict[str, Execution]) -> None:
+        for instance_id, execution in runs.items():
+            if execution.finished:
+                self._forget(instance_id)
+                execution.close()
+            else:
+                self._cache[instance_id] = execution
+                self._cache.move_to_end(instance_id)
+        while len(self._cache) > self.cache_size:
+            _, evicted = self._cache.popitem(last=False)
+            evicted.close()
+
+    @staticmethod
+    def _discard(runs: dict[str, Execution]) -> None:
+        """Close executions whose turn did not commit (their state ran ahead of the database)."""
+        for execution in runs.values():
+            execution.close()
+        runs.clear()
+
+    def _forget(self, instance_id: str) -> None:
+        """Drop a cached execution (closing its coroutines)."""
+        cached = self._cache.pop(instance_id, None)
+        if cached is not None:
+            cached.close()
+
+    # -- turning events into writes ---------------------------------------------
+    def _plan(self, row: InstanceRow, execution: Execution, base: int, events: list[Event], w: _Writes) -> None:
+        instance_id, execution_id, name = row.instance_id, row.execution_id, row.name
+        status = "running"
+        output = error = next_input = None
+        for offset, event in enumerate(events, start=1):
+            data = event.data
+            w.history.append(HistoryWrite(instance_id, execution_id, base + offset, event.kind, dumps(data),
+                                          event.recorded_at))
+            kind = event.kind
+            if kind == ev.ACTIVITY_SCHEDULED:
+                retry = data.get("retry")
+                w.work.append(WorkWrite(instance_id, execution_id, data["task_id"], name, data["name"],
+                                        dumps(data.get("input")), None if retry is None else dumps(retry)))
+            elif kind == ev.TIMER_CREATED:
+                fire_at = datetime.fromisoformat(data["fire_at"])
+                w.timers.append(TimerWrite(instance_id, execution_id, data["task_id"], name, fire_at))
+            elif kind == ev.SUB_ORCHESTRATION_SCHEDULED:
+                w.children.append(ChildWrite(data["instance_id"], data["name"], dumps(data.get("input")),
+                                             instance_id, execution_id, data["task_id"]))
+            elif kind in _FINAL_STATUS:
+                status = _FINAL_STATUS[kind]
+                if kind == ev.ORCHESTRATION_COMPLETED:
+                    output = dumps(data.get("output"))
+                    note = (ev.SUB_ORCHESTRATION_COMPLETED,
+                            ev.child_completed(row.parent_task_id, instance_id, data.get("output")))
+                else:
+                    failure = data.get("error") if kind == ev.ORCHESTRATION_FAILED else ev.cancelled_error(
+                        data.get("reason"))
+                    error = dumps(failure)
+                    note = (ev.SUB_ORCHESTRATION_FAILED, ev.child_failed(row.parent_task_id, instance_id, failure))
+                w.finished.append(instance_id)
+                if row.parent_instance_id:
+                    w.messages.append(_to_parent(row, *note))
+            elif kind == ev.CONTINUED_AS_NEW:
+                next_input = dumps(data.get("input"))
+                w.finished.append(instance_id)  # the old execution's work and timers are moot
+                w.messages.append(MessageWrite(instance_id, execution_id + 1, ev.ORCHESTRATION_STARTED,
+                                               dumps({"name": name, "input": data.get("input")})))
+                for carried in data.get("carry_over") or []:
+                    w.messages.append(MessageWrite(instance_id, execution_id + 1, ev.EVENT_RECEIVED, dumps(carried)))
+                for late_kind, late_data in execution.unapplied:  # raised after the end: for the next one
+                    if late_kind in (ev.EVENT_RECEIVED, ev.CANCEL_REQUESTED):
+                        w.messages.append(MessageWrite(instance_id, execution_id + 1, late_kind, dumps(late_data)))
+        if next_input is not None:
+            w.updates.append(InstanceUpdate(instance_id, "running", None, None, False, None, execution_id + 1, 0,
+                                            next_input))
+        else:
+            custom = dumps(execution.custom_status) if execution.custom_status_changed else None
+            w.updates.append(InstanceUpdate(instance_id, status, output, error, execution.custom_status_changed,
+                                            custom, execution_id, base + len(events), None))
+        execution.custom_status_changed = False
+
+    async def _check_names(self, conn: Connection, w: _Writes) -> None:
+        """Activities and children nobody registered fail at once instead of waiting forever."""
+        unknown_work = await self._unknown(conn, "activity", {item.name for item in w.work})
+        if unknown_work:
+            kept = []
+            for item in w.work:
+                if item.name in unknown_work:
+                    err = ev.error_info("UnknownNameError", f"no activity named {item.name!r} is registered")
+                    w.messages.append(MessageWrite(item.instance_id, item.execution_id, ev.ACTIVITY_FAILED,
+                                                   dumps(ev.activity_failed(item.task_id, err, 0))))
+                else:
+                    kept.append(item)
+            w.work = kept
+        unknown_children = await self._unknown(conn, "orchestration", {c.name for c in w.children})
+        if unknown_children:
+            kept_children = []
+            for child in w.children:
+                if child.name in unknown_children:
+                    err = ev.error_info("UnknownNameError", f"no orchestration named {child.name!r} is registered")
+                    w.messages.append(_child_refused(child, err))
+                else:
+                    kept_children.append(child)
+            w.children = kept_children
+
+    async def _unknown(self, conn: Connection, kind: str, names: Iterable[str]) -> set[str]:
+        known = self._known[kind]
+        missing = [n for n in names if n not in known]
+        if not missing:
+            return set()
+        found = await turn_store.known_names(conn, kind=kind, names=missing)
+        known.update(found)
+        return set(missing) - found
+
+    async def _write(self, conn: Connection, w: _Writes) -> None:
+        if w.history:
+            await turn_store.append_history(conn, w.history)
+        if w.work:
+            await turn_store.enqueue_work(conn, w.work)
+        if w.timers:
+            await turn_store.create_timers(conn, w.timers)
+        if w.children:
+            created = await turn_store.create_children(conn, w.children)
+            for child in w.children:
+                if child.instance_id not in created:
+                    err = ev.error_info("InstanceAlreadyExists", f"instance {child.instance_id!r} already exists")
+                    w.messages.append(_child_refused(child, err))
+        if w.finished:
+            await turn_store.drop_pending_work(conn, instance_ids=w.finished)
+        if w.messages:
+            await turn_store.enqueue_messages(conn, w.messages)
+        if w.updates:
+            await turn_store.update_instances(conn, w.updates)
+        if w.consumed:
+            await turn_store.delete_messages(conn, ids=w.consumed)
+
+
+def _child_refused(child: ChildWrite, error: dict[str, object]) -> MessageWrite:
+    """The message that fails the parent task of a child that could not be started."""
+    payload = ev.child_failed(child.parent_task_id, child.instance_id, error)
+    return MessageWrite(child.parent_instance_id, child.parent_execution_id, ev.SUB_ORCHESTRATION_FAILED,
+                        dumps(payload))

@@ -1,0 +1,106 @@
+"""The store's side of the client: start, signal, read, terminate and purge instances.
+
+Driver errors that mean something to a caller (an id already taken, an unknown
+instance) become the project's errors here.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+import asyncpg
+
+from .._base import events as ev
+from .._base.errors import InstanceAlreadyExists, InstanceNotFound, PgDurableError
+from .._base.serde import dumps
+from .._base.types import HistoryEvent, InstanceState, Status
+from .database import Connection
+from .records import MessageWrite
+from .sql_loader import q
+from .turn_store import enqueue_messages, lock_instance
+
+
+async def start(conn: Connection, *, instance_id: str, name: str, input_json: str, fresh_id: bool = False) -> None:
+    """Create an instance and queue its start message (the SQL client API, one statement).
+
+    Raises :class:`InstanceAlreadyExists` for a taken id, except with ``fresh_id`` (an id
+    this call generated: a collision can only be its own earlier, committed attempt).
+    """
+    try:
+        await conn.fetchval(q("api_start"), instance_id, name, input_json)
+    except asyncpg.UniqueViolationError:
+        if not fresh_id:
+            raise InstanceAlreadyExists(instance_id) from None
+
+
+async def send(conn: Connection, *, instance_id: str, kind: str, payload_json: str) -> None:
+    """Queue an event or cancel request for a live instance (a finished one ignores it)."""
+    try:
+        await conn.execute(q("api_send"), instance_id, kind, payload_json)
+    except asyncpg.NoDataFoundError:
+        raise InstanceNotFound(instance_id) from None
+
+
+async def get_instance(conn: Connection, *, instance_id: str) -> InstanceState | None:
+    row = await conn.fetchrow(q("get_instance"), instance_id)
+    return None if row is None else _state(row)
+
+
+async def list_instances(
+    conn: Connection, *, status: str | None, name: str | None, limit: int
+) -> builtins.list[InstanceState]:
+    """Instances, newest first, optionally filtered by status and orchestration name."""
+    return [_state(r) for r in await conn.fetch(q("list_instances"), status, name, limit)]
+
+
+async def get_history(conn: Connection, *, instance_id: str, execution_id: int | None) -> list[HistoryEvent]:
+    """The events of the current (or the given) execution, in seq order."""
+    rows = await conn.fetch(q("get_history"), instance_id, execution_id)
+    return [HistoryEvent(r["seq"], r["event_type"], r["payload"] or {}, r["recorded_at"], r["execution_id"])
+            for r in rows]
+
+
+async def terminate(conn: Connection, *, instance_id: str, reason: str | None) -> bool:
+    """Record ``orchestration_terminated`` and stop everything pending; False if already finished.
+
+    Runs with the instance row locked; a parent hears of it as a failed child.
+    """
+    row = await lock_instance(conn, instance_id=instance_id)
+    if row is None:
+        raise InstanceNotFound(instance_id)
+    if Status(row.status).is_terminal:
+        return False
+    await conn.execute(q("terminate_instance"), instance_id, row.execution_id, row.history_len + 1, reason,
+                       dumps(ev.terminated_error(reason)))
+    if row.parent_instance_id:
+        payload = ev.child_failed(row.parent_task_id, instance_id, ev.terminated_error(reason))
+        await enqueue_messages(conn, [MessageWrite(row.parent_instance_id, row.parent_execution_id,
+                                                   ev.SUB_ORCHESTRATION_FAILED, dumps(payload))])
+    return True
+
+
+async def purge(conn: Connection, *, instance_id: str) -> None:
+    """Delete a finished instance and its history."""
+    if not await conn.fetchval(q("purge_instance"), instance_id):
+        status = await conn.fetchval(q("instance_status"), instance_id)
+        if status is None:
+            raise InstanceNotFound(instance_id)
+        raise PgDurableError(f"instance {instance_id!r} is {status}; only finished instances can be purged")
+    await conn.execute(q("purge_history"), instance_id)
+
+
+def _state(row: Any) -> InstanceState:
+    return InstanceState(
+        instance_id=row["instance_id"],
+        name=row["name"],
+        status=Status(row["status"]),
+        input=row["input"],
+        output=row["output"],
+        error=row["error"],
+        custom_status=row["custom_status"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        execution_id=row["execution_id"],
+        parent_instance_id=row["parent_instance_id"],
+    )

@@ -1,0 +1,135 @@
+"""What the store hands out and takes in: plain records, never driver rows.
+
+Read records (``InstanceRow``, ``Message``, ``WorkItem``) are built from query
+results in the store; write records (``*Write``) are what a turn or an ack batch
+gathers and the store writes as one multi-row statement each.  JSON fields of
+write records are already encoded (``str``), so the hot path encodes once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from .._base.types import RetryPolicy
+
+
+# -- read -----------------------------------------------------------------------------
+class InstanceRow(NamedTuple):
+    """An instance as a turn sees it (locked for the turn's transaction)."""
+
+    instance_id: str
+    name: str
+    status: str
+    execution_id: int
+    history_len: int
+    parent_instance_id: str | None
+    parent_execution_id: int | None
+    parent_task_id: int | None
+
+
+class Message(NamedTuple):
+    """One row of ``orchestrator_queue``: a fact waiting for its instance's next turn."""
+
+    id: int
+    instance_id: str
+    execution_id: int | None  # None: whatever execution is current
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """A claimed activity work item, leased by this worker until acked or released."""
+
+    id: int
+    instance_id: str
+    execution_id: int
+    task_id: int
+    name: str
+    input: Any
+    retry: RetryPolicy | None
+    attempt: int
+    lease_token: uuid.UUID
+
+    @property
+    def activity_id(self) -> str:
+        return f"{self.instance_id}:{self.execution_id}:{self.task_id}"
+
+
+# -- write ----------------------------------------------------------------------------
+class HistoryWrite(NamedTuple):
+    instance_id: str
+    execution_id: int
+    seq: int
+    kind: str
+    payload: str
+    recorded_at: datetime
+
+
+class WorkWrite(NamedTuple):
+    instance_id: str
+    execution_id: int
+    task_id: int
+    orchestration: str
+    name: str
+    input: str
+    retry: str | None
+
+
+class TimerWrite(NamedTuple):
+    instance_id: str
+    execution_id: int
+    task_id: int
+    orchestration: str
+    fire_at: datetime
+
+
+class ChildWrite(NamedTuple):
+    """A child instance to create, and the parent task that waits for it."""
+
+    instance_id: str
+    name: str
+    input: str
+    parent_instance_id: str
+    parent_execution_id: int
+    parent_task_id: int
+
+
+class MessageWrite(NamedTuple):
+    """A message to an instance named by id (its orchestration name is looked up)."""
+
+    instance_id: str
+    execution_id: int | None
+    kind: str
+    payload: str
+
+
+class InstanceUpdate(NamedTuple):
+    """The instance row after a turn.  ``input`` is set when a new execution starts."""
+
+    instance_id: str
+    status: str
+    output: str | None
+    error: str | None
+    custom_status_set: bool
+    custom_status: str | None
+    execution_id: int
+    history_len: int
+    input: str | None
+
+
+class Outcome(NamedTuple):
+    """What an activity attempt produced: an ack (result or final failure) or a retry."""
+
+    item: WorkItem
+    kind: str  # activity_completed | activity_failed | retry
+    payload: str = ""
+    delay: float = 0.0
+
+
+def columns(rows: list[Any], width: int) -> list[list[Any]]:
+    """Rows as column lists, for ``unnest($1::t[], $2::t[], ...)``."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]

@@ -1,0 +1,344 @@
+-- Every query the runtime and client run, under `-- name: <key>` headers.
+-- Loaded once by sql_loader.py; each is run by one typed function of the store.
+-- Tables are unqualified: connections set search_path to the configured schema.
+-- JSON travels as text and is cast to jsonb here.
+
+-- name: api_start
+-- The SECURITY DEFINER client API (schema/0003): raises unique_violation for a taken id.
+SELECT start($2, $3::text::jsonb, $1);
+
+-- name: api_send
+-- An event or cancel for a live instance (a finished one ignores it); no_data_found if unknown.
+SELECT send($1, $2, $3::text::jsonb);
+
+-- name: claim_instances
+-- Lock up to $2 instances that have pending messages and that this runtime can run.
+SELECT i.instance_id, i.name, i.status, i.execution_id, i.history_len,
+       i.parent_instance_id, i.parent_execution_id, i.parent_task_id
+FROM instances i
+WHERE i.instance_id IN (
+    SELECT DISTINCT q.instance_id FROM orchestrator_queue q
+    WHERE q.orchestration = ANY($1::text[]) AND NOT (q.instance_id = ANY($4::text[]))
+    LIMIT $3
+)
+FOR UPDATE OF i SKIP LOCKED
+LIMIT $2;
+
+-- name: fetch_messages
+SELECT id, instance_id, execution_id, kind, payload
+FROM orchestrator_queue
+WHERE instance_id = ANY($1::text[])
+ORDER BY id;
+
+-- name: last_seq
+SELECT coalesce(max(seq), 0) FROM history WHERE instance_id = $1 AND execution_id = $2;
+
+-- name: fetch_histories
+SELECT h.instance_id, h.execution_id, h.seq, h.event_type, h.payload, h.recorded_at
+FROM history h
+JOIN unnest($1::text[], $2::int[]) AS t(instance_id, execution_id)
+  ON h.instance_id = t.instance_id AND h.execution_id = t.execution_id
+ORDER BY h.instance_id, h.seq;
+
+-- name: append_history
+INSERT INTO history (instance_id, execution_id, seq, event_type, payload, recorded_at)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[]::jsonb[], $6::timestamptz[]);
+
+-- name: enqueue_work
+INSERT INTO work_queue (instance_id, execution_id, task_id, orchestration, name, input, retry)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[],
+                     $6::text[]::jsonb[], $7::text[]::jsonb[])
+ON CONFLICT (instance_id, execution_id, task_id) DO NOTHING;
+
+-- name: create_timers
+INSERT INTO timers (instance_id, execution_id, task_id, orchestration, fire_at)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[])
+ON CONFLICT (instance_id, execution_id, task_id) DO NOTHING;
+
+-- name: create_children
+-- Start child instances; returns the ids actually created (others already existed).
+WITH created AS (
+    INSERT INTO instances (instance_id, name, status, input,
+                           parent_instance_id, parent_execution_id, parent_task_id)
+    SELECT c.instance_id, c.name, 'pending', c.input::jsonb, c.parent, c.parent_execution, c.task_id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[])
+         AS c(instance_id, name, input, parent, parent_execution, task_id)
+    ON CONFLICT (instance_id) DO NOTHING
+    RETURNING instance_id, name, input
+)
+INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+SELECT instance_id, 1, name, 'orchestration_started',
+       jsonb_build_object('name', name, 'input', input)
+FROM created
+RETURNING instance_id;
+
+-- name: enqueue_messages
+-- Messages to instances named by id (their orchestration name is looked up).
+INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+SELECT m.instance_id, m.execution_id, i.name, m.kind, m.payload::jsonb
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[]) WITH ORDINALITY
+     AS m(instance_id, execution_id, kind, payload, n)
+JOIN instances i ON i.instance_id = m.instance_id
+ORDER BY m.n;
+
+-- name: update_instances
+UPDATE instances i
+SET status = u.status,
+    output = u.output::jsonb,
+    error = u.error::jsonb,
+    custom_status = CASE WHEN u.custom_status_set THEN u.custom_status::jsonb ELSE i.custom_status END,
+    execution_id = u.execution_id,
+    history_len = u.history_len,
+    input = CASE WHEN u.input IS NULL THEN i.input ELSE u.input::jsonb END,
+    updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::text[],
+            $7::int[], $8::int[], $9::text[])
+     AS u(instance_id, status, output, error, custom_status_set, custom_status,
+          execution_id, history_len, input)
+WHERE i.instance_id = u.instance_id;
+
+-- name: delete_messages
+DELETE FROM orchestrator_queue WHERE id = ANY($1::bigint[]);
+
+-- name: drop_pending_work
+-- An instance finished: its outstanding activities and timers are moot.
+WITH work AS (DELETE FROM work_queue WHERE instance_id = ANY($1::text[]))
+DELETE FROM timers WHERE instance_id = ANY($1::text[]);
+
+-- name: claim_work
+-- Oldest visible items first, per activity name, along the (name, id) index.
+WITH picked AS (
+    SELECT w.id FROM unnest($1::text[]) AS n(name)
+    CROSS JOIN LATERAL (
+        SELECT id FROM work_queue
+        WHERE name = n.name AND visible_at <= now()
+        ORDER BY id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS w
+    LIMIT $2
+)
+UPDATE work_queue w
+SET visible_at = now() + make_interval(secs => $3),
+    lease_token = gen_random_uuid(),
+    lease_owner = $4
+FROM picked
+WHERE w.id = picked.id
+RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.retry,
+          w.attempt, w.lease_token;
+
+-- name: next_work_due
+SELECT min(visible_at) FROM work_queue WHERE name = ANY($1::text[]);
+
+-- name: extend_leases
+UPDATE work_queue SET visible_at = now() + make_interval(secs => $2)
+WHERE lease_token = ANY($1::uuid[]);
+
+-- name: ack_work
+-- Delete finished items still leased by us and turn them into result messages.
+WITH results AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[])
+             AS r(id, token, kind, payload)
+), done AS (
+    DELETE FROM work_queue w USING results r
+    WHERE w.id = r.id AND w.lease_token = r.token
+    RETURNING w.instance_id, w.execution_id, w.orchestration, r.kind, r.payload
+)
+INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+SELECT instance_id, execution_id, orchestration, kind, payload::jsonb FROM done
+RETURNING 1;
+
+-- name: retry_work
+UPDATE work_queue w
+SET attempt = w.attempt + 1,
+    visible_at = now() + make_interval(secs => r.delay),
+    lease_token = NULL,
+    lease_owner = NULL
+FROM unnest($1::bigint[], $2::uuid[], $3::float8[]) AS r(id, token, delay)
+WHERE w.id = r.id AND w.lease_token = r.token;
+
+-- name: release_leases
+UPDATE work_queue w
+SET visible_at = now(), lease_token = NULL, lease_owner = NULL
+FROM unnest($1::bigint[], $2::uuid[]) AS r(id, token)
+WHERE w.id = r.id AND w.lease_token = r.token;
+
+-- name: lock_work_item
+-- A transactional activity holds its item's row lock while its SQL runs.
+SELECT id FROM work_queue WHERE id = $1 AND lease_token = $2 FOR UPDATE;
+
+-- name: user_search_path
+-- The search_path the login role's sessions get (ALTER ROLE / DATABASE ... SET, most
+-- specific first, else the server default).  Our sessions override it with the
+-- pgdurable schema; a transactional activity's own SQL runs with this one.
+SELECT coalesce(
+    (SELECT substr(c, length('search_path=') + 1)
+     FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) AS c
+     WHERE c LIKE 'search_path=%'
+       AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))
+       AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+     ORDER BY s.setrole <> 0 DESC, s.setdatabase <> 0 DESC
+     LIMIT 1),
+    (SELECT boot_val FROM pg_settings WHERE name = 'search_path'));
+
+-- name: set_search_path
+SELECT set_config('search_path', $1, true);
+
+-- name: fire_timers
+WITH due AS (
+    DELETE FROM timers
+    WHERE id IN (SELECT id FROM timers
+                 WHERE fire_at <= now() AND orchestration = ANY($1::text[])
+                 ORDER BY fire_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING instance_id, execution_id, task_id, orchestration
+), sent AS (
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    SELECT instance_id, execution_id, orchestration, 'timer_fired',
+           jsonb_build_object('task_id', task_id)
+    FROM due
+    RETURNING 1
+)
+SELECT count(*) FROM sent;
+
+-- name: next_timer
+SELECT min(fire_at) FROM timers WHERE orchestration = ANY($1::text[]);
+
+-- name: register_names
+INSERT INTO registry (kind, name)
+SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT (kind, name) DO UPDATE SET last_seen = now();
+
+-- name: known_names
+SELECT name FROM registry WHERE kind = $1 AND name = ANY($2::text[]);
+
+-- name: register_worker
+INSERT INTO workers (worker_id, backend_pid, backend_start)
+SELECT $1, pg_backend_pid(), a.backend_start
+FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
+ON CONFLICT (worker_id) DO UPDATE
+SET backend_pid = excluded.backend_pid, backend_start = excluded.backend_start, heartbeat_at = now();
+
+-- name: deregister_worker
+DELETE FROM workers WHERE worker_id = $1;
+
+-- name: release_dead_leases
+-- Workers whose LISTEN session is gone have died: their leases expire now.  A row is
+-- deleted only if it still names the session seen dead (a worker that re-registered
+-- meanwhile keeps its new row: READ COMMITTED re-checks the row, not the anti-join).
+-- Without pg_read_all_stats, another role's sessions show backend_start as NULL: a live
+-- pid is then trusted (were it reused, that lease would merely wait out its expiry).
+WITH seen_dead AS (
+    SELECT w.worker_id, w.backend_pid, w.backend_start FROM workers w
+    WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                      WHERE a.pid = w.backend_pid
+                        AND (a.backend_start IS NULL OR a.backend_start = w.backend_start))
+), dead AS (
+    DELETE FROM workers w USING seen_dead d
+    WHERE w.worker_id = d.worker_id AND w.backend_pid = d.backend_pid
+      AND w.backend_start IS NOT DISTINCT FROM d.backend_start
+    RETURNING w.worker_id
+)
+UPDATE work_queue SET visible_at = now()
+WHERE id IN (SELECT id FROM work_queue
+             WHERE lease_owner IN (SELECT worker_id FROM dead) AND lease_token IS NOT NULL
+             FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
+-- name: get_instance
+SELECT instance_id, name, status, input, output, error, custom_status, created_at,
+       updated_at, execution_id, parent_instance_id
+FROM instances WHERE instance_id = $1;
+
+-- name: list_instances
+SELECT instance_id, name, status, input, output, error, custom_status, created_at,
+       updated_at, execution_id, parent_instance_id
+FROM instances
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name = $2)
+ORDER BY created_at DESC, instance_id
+LIMIT $3;
+
+-- name: get_history
+SELECT execution_id, seq, event_type, payload, recorded_at
+FROM history
+WHERE instance_id = $1
+  AND execution_id = COALESCE($2, (SELECT execution_id FROM instances WHERE instance_id = $1))
+ORDER BY seq;
+
+-- name: instance_status
+SELECT status FROM instances WHERE instance_id = $1;
+
+-- name: lock_instance
+SELECT instance_id, name, status, execution_id, history_len,
+       parent_instance_id, parent_execution_id, parent_task_id
+FROM instances WHERE instance_id = $1 FOR UPDATE;
+
+-- name: terminate_instance
+-- Runs with the instance row locked: record the fact, stop everything pending.
+WITH event AS (
+    INSERT INTO history (instance_id, execution_id, seq, event_type, payload)
+    VALUES ($1, $2, $3, 'orchestration_terminated', jsonb_build_object('reason', $4::text))
+), messages AS (
+    DELETE FROM orchestrator_queue WHERE instance_id = $1
+), work AS (
+    DELETE FROM work_queue WHERE instance_id = $1
+), timers_gone AS (
+    DELETE FROM timers WHERE instance_id = $1
+)
+UPDATE instances
+SET status = 'terminated', history_len = $3,
+    error = $5::text::jsonb,
+    updated_at = now()
+WHERE instance_id = $1;
+
+-- name: purge_instance
+WITH gone AS (
+    DELETE FROM instances
+    WHERE instance_id = $1 AND status IN ('completed', 'failed', 'cancelled', 'terminated')
+    RETURNING instance_id
+), messages AS (
+    DELETE FROM orchestrator_queue WHERE instance_id IN (SELECT instance_id FROM gone)
+), deliveries AS (
+    DELETE FROM event_deliveries WHERE instance_id IN (SELECT instance_id FROM gone)
+)
+SELECT count(*) FROM gone;
+
+-- name: purge_history
+DELETE FROM history WHERE instance_id = $1;
+
+-- name: current_search_path
+SELECT current_setting('search_path');
+
+-- name: set_role
+-- For the rest of the transaction ('none': back to the session's login role).
+SELECT set_config('role', $1, true);
+
+-- name: current_role
+SELECT current_user::text;
+
+-- name: migration_lock
+-- Migrations of one schema run one at a time (released at commit).
+SELECT pg_advisory_xact_lock(hashtext('pgdurable_async:migrate:' || $1));
+
+-- name: create_schema_ddl
+-- The DDL that creates schema $1 if it is missing (identifiers cannot be bind parameters).
+SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text);
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: migrations_table_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL;
+
+-- name: schema_version
+SELECT max(version) FROM schema_migrations;

@@ -1,0 +1,103 @@
+"""The store's side of a turn: claim instances, read their messages and history, write the batch.
+
+Every write takes a list of records and is one multi-row ``unnest`` statement,
+whatever the size of the batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from .._base.types import HistoryEvent
+from .database import Connection
+from .records import (
+    ChildWrite,
+    HistoryWrite,
+    InstanceRow,
+    InstanceUpdate,
+    Message,
+    MessageWrite,
+    TimerWrite,
+    WorkWrite,
+    columns,
+)
+from .sql_loader import q
+
+
+async def claim_instances(
+    conn: Connection, *, names: Sequence[str], limit: int, scan: int, excluded: Sequence[str] = ()
+) -> list[InstanceRow]:
+    """Lock up to ``limit`` instances of ``names`` that have messages (``FOR UPDATE SKIP LOCKED``)."""
+    rows = await conn.fetch(q("claim_instances"), list(names), limit, scan, list(excluded))
+    return [InstanceRow(*r) for r in rows]
+
+
+async def lock_instance(conn: Connection, *, instance_id: str) -> InstanceRow | None:
+    """Lock one instance row (waiting for a turn that holds it); None if there is none."""
+    row = await conn.fetchrow(q("lock_instance"), instance_id)
+    return None if row is None else InstanceRow(*row)
+
+
+async def fetch_messages(conn: Connection, *, instance_ids: Sequence[str]) -> list[Message]:
+    """The pending messages of these instances, oldest first."""
+    rows = await conn.fetch(q("fetch_messages"), list(instance_ids))
+    return [Message(r[0], r[1], r[2], r[3], r[4] or {}) for r in rows]
+
+
+async def fetch_histories(
+    conn: Connection, *, executions: Iterable[tuple[str, int]]
+) -> dict[str, list[HistoryEvent]]:
+    """The recorded history of each (instance, execution), in seq order, keyed by instance id."""
+    pairs = list(executions)
+    rows = await conn.fetch(q("fetch_histories"), [p[0] for p in pairs], [p[1] for p in pairs])
+    histories: dict[str, list[HistoryEvent]] = defaultdict(list)
+    for r in rows:
+        histories[r["instance_id"]].append(
+            HistoryEvent(r["seq"], r["event_type"], r["payload"] or {}, r["recorded_at"], r["execution_id"])
+        )
+    return histories
+
+
+async def last_seq(conn: Connection, *, instance_id: str, execution_id: int) -> int:
+    """The seq of the last recorded event of an execution (0 when it has none)."""
+    return int(await conn.fetchval(q("last_seq"), instance_id, execution_id))
+
+
+async def known_names(conn: Connection, *, kind: str, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` some runtime of this database registered as ``kind``."""
+    return {r["name"] for r in await conn.fetch(q("known_names"), kind, list(names))}
+
+
+async def append_history(conn: Connection, rows: list[HistoryWrite]) -> None:
+    await conn.execute(q("append_history"), *columns(rows, 6))
+
+
+async def enqueue_work(conn: Connection, rows: list[WorkWrite]) -> None:
+    await conn.execute(q("enqueue_work"), *columns(rows, 7))
+
+
+async def create_timers(conn: Connection, rows: list[TimerWrite]) -> None:
+    await conn.execute(q("create_timers"), *columns(rows, 5))
+
+
+async def create_children(conn: Connection, rows: list[ChildWrite]) -> set[str]:
+    """Create child instances with their start messages; returns the ids created (others existed)."""
+    return {r["instance_id"] for r in await conn.fetch(q("create_children"), *columns(rows, 6))}
+
+
+async def drop_pending_work(conn: Connection, *, instance_ids: list[str]) -> None:
+    """These instances finished: their outstanding activities and timers are moot."""
+    await conn.execute(q("drop_pending_work"), instance_ids)
+
+
+async def enqueue_messages(conn: Connection, rows: list[MessageWrite]) -> None:
+    await conn.execute(q("enqueue_messages"), *columns(rows, 4))
+
+
+async def update_instances(conn: Connection, rows: list[InstanceUpdate]) -> None:
+    await conn.execute(q("update_instances"), *columns(rows, 9))
+
+
+async def delete_messages(conn: Connection, *, ids: list[int]) -> None:
+    await conn.execute(q("delete_messages"), ids)
