@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 from ._base.definitions import DEFAULT_RETRY, ActivityDef, OrchestrationDef
-from ._base.errors import ConfigurationError, UnknownNameError
-from ._base.names import MAX_ID_LENGTH, NAME_ATTR, name_of
+from ._base.errors import ConfigurationError
+from ._base.names import MAX_ID_LENGTH, NAME_ATTR
 from ._base.types import RetryPolicy
 from ._graph.builtins import builtin_activities, builtin_orchestrations, graph_function
 
@@ -136,13 +136,3 @@ class App:
         for adef in builtin_activities():
             self.activities.setdefault(adef.name, adef)
             setattr(adef.fn, NAME_ATTR, adef.name)
-
-    def orchestration_def(self, ref: Any) -> OrchestrationDef:
-        """The orchestration registered under ``ref`` (function or name)."""
-        name = name_of(ref, kind="orchestration")
-        try:
-            return self.orchestrations[name]
-        except KeyError:
-            raise UnknownNameError(
-                f"no orchestration named {name!r} is registered", kind="orchestration", name=name
-            ) from None

@@ -31,8 +31,6 @@ from ._graph.compiler import GraphError, compile_graph
 from ._graph.http import allow_http
 from ._graph.interpreter import GRAPH_ORCHESTRATION
 
-NodeLike = "Node | str"
-
 
 class Node:
     """One graph node; ``to_json()`` gives its graph JSON."""

@@ -25,7 +25,8 @@ class Status(enum.StrEnum):
 
 
 _TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TERMINATED})
-TERMINAL_STATUSES: tuple[str, ...] = tuple(s.value for s in _TERMINAL)
+#: The finished statuses as strings (SQL has its twin: ``pgdurable.is_finished(status)``).
+TERMINAL_STATUSES: frozenset[str] = frozenset(s.value for s in _TERMINAL)
 
 
 @dataclass(frozen=True)

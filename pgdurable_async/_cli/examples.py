@@ -11,7 +11,6 @@ from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
 
 from .._base.errors import ConfigurationError
 
@@ -39,8 +38,3 @@ def load_example(name: str) -> ModuleType:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
-
-
-async def run_example(name: str, dsn: str, out: TextIO) -> Any:
-    """Run an example's ``run(dsn, out=...)`` and return what it returns."""
-    return await load_example(name).run(dsn, out=out)

@@ -39,11 +39,10 @@ class Event:
 
 
 class _Fiber:
-    __slots__ = ("task", "waiting_on", "generation")
+    __slots__ = ("task", "generation")
 
     def __init__(self, task: FiberTask[Any]) -> None:
         self.task = task
-        self.waiting_on: Task[Any] | None = None
         self.generation = 0
 
 
@@ -345,7 +344,6 @@ class Execution:
         if main is None or main.task.done():
             return
         main.generation += 1  # detach it from whatever it awaited
-        main.waiting_on = None
         error = Cancelled(f"instance {self.instance_id!r} was cancelled", instance_id=self.instance_id, reason=reason)
         self._ready.append((main, error))
 
@@ -386,7 +384,6 @@ class Execution:
             if isinstance(yielded, Task) and yielded._engine is self:
                 if yielded.done():
                     continue
-                fiber.waiting_on = yielded
                 yielded._add_callback(self._waker(fiber))
                 return
             throw = NonDeterminismError(
@@ -400,7 +397,6 @@ class Execution:
 
         def wake(_task: Task[Any]) -> None:
             if fiber.generation == generation:  # else a cancel already resumed it
-                fiber.waiting_on = None
                 self._ready.append((fiber, None))
 
         return wake

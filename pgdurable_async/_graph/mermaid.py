@@ -27,7 +27,6 @@ _STYLE = {
     "failed": "fill:#ffcdd2,stroke:#c62828,color:#b71c1c",
     "skipped": "fill:#fafafa,stroke:#bdbdbd,color:#9e9e9e,stroke-dasharray:4 3",
 }
-_TERMINAL = {"completed", "failed", "cancelled", "terminated"}
 
 
 def graph_for(
@@ -61,7 +60,7 @@ def node_states(
         execution.replay(Event(e.kind, e.data, e.recorded_at) for e in history if e.recorded_at is not None)
     finally:
         execution.close()
-    finished = state.status.value in _TERMINAL
+    finished = state.status.is_terminal
     out: dict[str, str] = {}
     for node in walk(tree):
         value = seen.get(node["id"], "pending")

@@ -55,7 +55,6 @@ class ActivityWorker:
         self.inflight: dict[int, WorkItem] = {}  # leased and not yet acked (leases are extended)
         self.running = 0  # claimed and still executing: what max_concurrency bounds
         self.acks_pending = Wakeup()
-        self.acked = Wakeup()  # set after each ack batch commits (results are now messages)
         self.capacity = Wakeup()
         self._outcomes: list[Outcome] = []
         self.stats = {"completed": 0, "failed": 0, "retried": 0, "acks": 0}
@@ -158,7 +157,6 @@ class ActivityWorker:
             return
         self.inflight.pop(item.id, None)
         self.stats["completed"] += 1
-        self.acked.set()
 
     def _success(self, item: WorkItem, result: Any) -> Outcome:
         try:
@@ -209,7 +207,6 @@ class ActivityWorker:
         self.stats["completed"] += sum(1 for o in acks if o.kind == ev.ACTIVITY_COMPLETED)
         self.stats["failed"] += sum(1 for o in acks if o.kind == ev.ACTIVITY_FAILED)
         self.stats["retried"] += len(retries)
-        self.acked.set()
         self._freed()
         return len(acks), len(retries)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
-import traceback
 import re
+import traceback
 from pathlib import Path
 
 import pytest
