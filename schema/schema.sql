@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0006, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0007, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -621,7 +621,9 @@ CREATE OPERATOR public.@>  (RIGHTARG = text, FUNCTION = df._forever);
 -- --------------------------------------------------------------------------------------
 -- 7.3 df: validation at start
 -- Validation at start: unknown node types, bad cron, references used before a bind.
--- $name references in SQL, found outside quotes, dollar-quoted bodies and comments.
+-- $name references in SQL, found outside quotes, dollar-quoted bodies and comments, by
+-- PostgreSQL's lexing rules.  The worker's Python tokenizer is its twin (it substitutes what
+-- this validates); tests/integration/test_refs_parity.py holds both to one table of cases.
 CREATE OR REPLACE FUNCTION df._refs(q text) RETURNS TABLE (name text, null_safe boolean)
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -634,11 +636,11 @@ DECLARE
     tag text;
     m text[];
 BEGIN
-    WHILE i <= n LOOP
+    WHILE i <= n LOOP  -- i is always at the start of a token, never inside an identifier
         c := substr(q, i, 1);
-        IF c = '''' THEN
-            esc := i > 1 AND lower(substr(q, i - 1, 1)) = 'e' AND (i = 2 OR substr(q, i - 2, 1) !~ '[A-Za-z0-9_]');
-            i := i + 1;
+        IF c = '''' OR (c IN ('e', 'E') AND substr(q, i + 1, 1) = '''') THEN
+            esc := c <> '''';
+            i := i + CASE WHEN esc THEN 2 ELSE 1 END;
             WHILE i <= n LOOP
                 c := substr(q, i, 1);
                 IF esc AND c = E'\\' THEN
@@ -664,9 +666,9 @@ BEGIN
                 END IF;
             END LOOP;
             i := i + 1;
-        ELSIF substr(q, i, 2) = '--' THEN
-            j := strpos(substr(q, i), E'\n');
-            i := CASE WHEN j = 0 THEN n + 1 ELSE i + j END;
+        ELSIF substr(q, i, 2) = '--' THEN  -- up to the end of the line: \n or \r
+            j := least(nullif(strpos(substr(q, i), E'\n'), 0), nullif(strpos(substr(q, i), E'\r'), 0));
+            i := CASE WHEN j IS NULL THEN n + 1 ELSE i + j END;
         ELSIF substr(q, i, 2) = '/*' THEN
             depth := 0;
             WHILE i <= n LOOP
@@ -681,24 +683,30 @@ BEGIN
                     i := i + 1;
                 END IF;
             END LOOP;
-        ELSIF c = '$' AND (i = 1 OR substr(q, i - 1, 1) !~ '[A-Za-z0-9_$]') THEN
-            m := regexp_match(substr(q, i + 1), '^([A-Za-z_][A-Za-z0-9_]*)?(\$)?');
-            IF m[2] IS NOT NULL THEN  -- a dollar quote: skip its body
+        ELSIF c = '$' THEN
+            m := regexp_match(substr(q, i), '^\$((?:[A-Za-z_]|[^\x01-\x7F])(?:[A-Za-z0-9_]|[^\x01-\x7F])*)?\$');
+            IF m IS NOT NULL THEN  -- a dollar quote (a tag, or none): skip its body
                 tag := '$' || coalesce(m[1], '') || '$';
                 j := strpos(substr(q, i + length(tag)), tag);
                 i := CASE WHEN j = 0 THEN n + 1 ELSE i + 2 * length(tag) + j - 1 END;
-            ELSIF m[1] IS NOT NULL THEN
-                m := regexp_match(substr(q, i), '^\$([A-Za-z_][A-Za-z0-9_]*)(\.(\*|[A-Za-z_][A-Za-z0-9_]*))?(\?)?');
-                name := m[1];
-                null_safe := m[4] IS NOT NULL;
-                RETURN NEXT;
-                i := i + 1 + length(m[1]) + coalesce(length(m[2]), 0) + coalesce(length(m[4]), 0);
-            ELSIF substr(q, i + 1, 1) ~ '[0-9]' THEN
-                RAISE EXCEPTION 'df.start: positional parameters like $1 are not allowed in %; use $name references',
-                    quote_literal(left(q, 80));
             ELSE
-                i := i + 1;
+                -- $name, $name?, $name.column, $name.column? or $name.*
+                m := regexp_match(substr(q, i),
+                                  '^(\$([A-Za-z_][A-Za-z0-9_]*)(?:\.\*|(?:\.[A-Za-z_][A-Za-z0-9_]*)?(\?)?))');
+                IF m IS NOT NULL THEN
+                    name := m[2];
+                    null_safe := m[3] IS NOT NULL;
+                    RETURN NEXT;
+                    i := i + length(m[1]);
+                ELSIF substr(q, i + 1, 1) ~ '^[0-9]$' THEN
+                    RAISE EXCEPTION 'df.start: positional parameters like $1 are not allowed in %; use $name references',
+                        quote_literal(left(q, 80));
+                ELSE
+                    i := i + 1;
+                END IF;
             END IF;
+        ELSIF c ~ '^[A-Za-z_]$' OR ascii(c) > 127 THEN  -- an identifier or keyword: any `$` in it is its own
+            i := i + length((regexp_match(substr(q, i), '^(?:[A-Za-z0-9_$]|[^\x01-\x7F])+'))[1]);
         ELSE
             i := i + 1;
         END IF;
