@@ -4,6 +4,13 @@ It walks SQL text, skipping single-quoted strings (with ``E''`` escapes),
 double-quoted identifiers, dollar-quoted bodies and comments, and finds
 ``$name``, ``$name.column``, ``$name?``, ``$name.column?`` and ``$name.*``
 references (and ``$1``-style positional parameters, which graphs may not use).
+
+Quotes, comments and identifiers follow PostgreSQL's lexer (``scan.l``, with
+standard_conforming_strings on): identifiers (which may hold ``$``, as in ``a$b``) start
+with a letter, ``_`` or any non-ASCII character; dollar-quote tags use the same characters
+but ``$``; ``E'...'`` needs its ``E`` to be a token of its own; a ``--`` comment ends at
+``\n`` or ``\r``.  ``df._refs`` in the schema is the SQL twin of this tokenizer, and
+tests/integration/test_refs_parity.py holds both to one table of cases.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DIGITS = frozenset("0123456789")
 TEXT_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*|\*))?(\?)?")
 _STATEMENT_WORDS = frozenset(
     "select with values table insert update delete merge call create alter drop truncate grant revoke do "
@@ -31,53 +39,57 @@ class Ref:
 
 
 # -- tokenizer ---------------------------------------------------------------------------
+def _ident_char(c: str, *, first: bool = False) -> bool:
+    """PostgreSQL's ident_start (``first``) / ident_cont: letters, ``_``, non-ASCII; then digits and ``$``."""
+    if not c.isascii():
+        return True
+    return c.isalpha() or c == "_" or (not first and (c.isdigit() or c == "$"))
+
+
+def _quoted_end(sql: str, i: int, quote: str, backslash: bool) -> int:
+    """End of the quoted text whose opening ``quote`` is just before ``i`` (the text's end if unterminated)."""
+    n = len(sql)
+    while i < n:
+        if backslash and sql[i] == "\\":
+            i += 2
+        elif sql[i] == quote:
+            if not sql.startswith(quote, i + 1):
+                return i + 1
+            i += 2  # a doubled quote stands for itself
+        else:
+            i += 1
+    return n
+
+
 def tokens(sql: str) -> Iterator[tuple[str, int, int]]:
-    """(kind, start, end) spans: code, string, estring, ident, dollar, comment, ref, param."""
+    """(kind, start, end) spans: code, string, estring, ident, dollar, comment, ref, param.
+
+    The spans are contiguous and cover ``sql``.
+    """
     i, n, code_start = 0, len(sql), 0
 
     def flush(upto: int) -> Iterator[tuple[str, int, int]]:
         if upto > code_start:
             yield ("code", code_start, upto)
 
-    while i < n:
+    while i < n:  # i is always at the start of a token, never inside an identifier
         c = sql[i]
-        prev = sql[i - 1] if i else ""
-        if c == "'":
-            escaped = prev in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
-            start = i - 1 if escaped else i
-            yield from flush(start)
-            i += 1
-            while i < n:
-                if escaped and sql[i] == "\\":
-                    i += 2
-                    continue
-                if sql[i] == "'":
-                    if i + 1 < n and sql[i + 1] == "'":
-                        i += 2
-                        continue
-                    break
-                i += 1
-            i += 1
-            yield ("estring" if escaped else "string", start, min(i, n))
-            code_start = i
+        if c == "'" or (c in "eE" and sql.startswith("'", i + 1)):
+            escaped = c != "'"
+            yield from flush(i)
+            end = _quoted_end(sql, i + (2 if escaped else 1), "'", escaped)
+            yield ("estring" if escaped else "string", i, end)
+            i = code_start = end
         elif c == '"':
             yield from flush(i)
-            start = i
-            i += 1
-            while i < n:
-                if sql[i] == '"':
-                    if i + 1 < n and sql[i + 1] == '"':
-                        i += 2
-                        continue
-                    break
-                i += 1
-            i += 1
-            yield ("ident", start, min(i, n))
-            code_start = i
+            end = _quoted_end(sql, i + 1, '"', False)
+            yield ("ident", i, end)
+            i = code_start = end
         elif c == "-" and sql.startswith("--", i):
             yield from flush(i)
-            end = sql.find("\n", i)
-            end = n if end < 0 else end
+            end = i + 2
+            while end < n and sql[end] not in "\n\r":
+                end += 1
             yield ("comment", i, end)
             i = code_start = end
         elif c == "/" and sql.startswith("/*", i):
@@ -96,9 +108,13 @@ def tokens(sql: str) -> Iterator[tuple[str, int, int]]:
                     i += 1
             yield ("comment", start, i)
             code_start = i
-        elif c == "$" and not (prev.isalnum() or prev == "_" or prev == "$"):
+        elif c == "$":
+            tag_end = i + 1
+            if tag_end < n and _ident_char(sql[tag_end], first=True):
+                tag_end += 1
+                while tag_end < n and sql[tag_end] != "$" and _ident_char(sql[tag_end]):
+                    tag_end += 1
             match = IDENT.match(sql, i + 1)
-            tag_end = match.end() if match else i + 1
             if tag_end < n and sql[tag_end] == "$":  # $$ or $tag$: a dollar-quoted body
                 tag = sql[i:tag_end + 1]
                 yield from flush(i)
@@ -111,14 +127,18 @@ def tokens(sql: str) -> Iterator[tuple[str, int, int]]:
                 end = _ref_end(sql, match.end())
                 yield ("ref", i, end)
                 i = code_start = end
-            elif i + 1 < n and sql[i + 1].isdigit():
+            elif i + 1 < n and sql[i + 1] in _DIGITS:
                 yield from flush(i)
                 j = i + 1
-                while j < n and sql[j].isdigit():
+                while j < n and sql[j] in _DIGITS:
                     j += 1
                 yield ("param", i, j)
                 i = code_start = j
             else:
+                i += 1
+        elif _ident_char(c, first=True):  # an identifier or keyword: any `$` in it is its own
+            i += 1
+            while i < n and _ident_char(sql[i]):
                 i += 1
         else:
             i += 1

@@ -1,0 +1,1395 @@
+-- pgdurable_async: the current schema, in one file.
+--
+-- A SNAPSHOT for reading: the final state of migrations 0001..0007, each object defined
+-- once, as the last migration left it, grouped by concern:
+--   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
+--   2. tables                      6. roles and grants (grant_client, grant_worker)
+--   3. history immutability        7. the df schema: pg_durable's SQL DSL surface
+--   4. wake-up notifications          (nodes, operators, validation, variables, starting,
+--                                      monitoring, node states, privileges)
+--
+-- It is not a migration: its name does not match the migrator's NNNN_name.sql pattern,
+-- and databases are still built and upgraded only by `python -m pgdurable_async migrate`.
+-- A schema change goes in a NEW numbered migration (never an edit of an applied one) AND
+-- here; tests/integration/test_schema_snapshot.py builds one empty database with the
+-- migrations, another with this file, and fails when their pg_dump --schema-only output
+-- or their privileges differ.
+--
+-- To apply it (to an empty database: unlike the migrations it is not idempotent), do as
+-- the migrator does with a migration: in one transaction, after
+--     CREATE SCHEMA IF NOT EXISTS "<schema>";  SET LOCAL search_path = "<schema>";
+-- Objects of the target schema are unqualified; `df` objects and the operators in
+-- `public` are qualified.
+
+-- Functions below capture this search_path (SET search_path FROM CURRENT); pg_temp goes
+-- last so a caller's temporary table cannot stand in for ours in SECURITY DEFINER code.
+-- (In the migrations this line opens 0002; a fresh install runs every migration in one
+-- transaction, so it holds for everything created after it.)
+SELECT set_config('search_path', current_setting('search_path') || ', pg_temp', true);
+
+
+-- ======================================================================================
+-- 1. Migration bookkeeping
+-- The migrator creates this table itself, before it applies migration 0001, and adds one row
+-- per migration applied (pgdurable_async/_migrate.py).  It is declared here with the same
+-- definition so that this file shows the whole schema; the snapshot inserts no rows.
+-- ======================================================================================
+
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+
+-- ======================================================================================
+-- 2. Tables
+-- ======================================================================================
+
+-- Every orchestration instance, current state (history holds the facts).
+CREATE TABLE instances (
+    instance_id         text PRIMARY KEY,
+    name                text NOT NULL,
+    status              text NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled', 'terminated')),
+    input               jsonb,
+    output              jsonb,
+    error               jsonb,
+    custom_status       jsonb,
+    parent_instance_id  text,
+    parent_execution_id integer,
+    parent_task_id      integer,
+    execution_id        integer NOT NULL DEFAULT 1,
+    history_len         integer NOT NULL DEFAULT 0,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX instances_status_name ON instances (status, name);
+CREATE INDEX instances_created ON instances (created_at DESC);
+
+-- Append-only event log, one row per fact.
+CREATE TABLE history (
+    instance_id  text NOT NULL,
+    execution_id integer NOT NULL,
+    seq          integer NOT NULL,
+    event_type   text NOT NULL,
+    payload      jsonb NOT NULL DEFAULT '{}',
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (instance_id, execution_id, seq)
+);
+
+-- Messages that drive turns: each row becomes one history event.
+CREATE TABLE orchestrator_queue (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id   text NOT NULL,
+    execution_id  integer,              -- NULL: whatever execution is current
+    orchestration text NOT NULL,        -- lets a runtime claim only what it can run
+    kind          text NOT NULL,
+    payload       jsonb NOT NULL DEFAULT '{}',
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX orchestrator_queue_claim ON orchestrator_queue (orchestration, instance_id);
+CREATE INDEX orchestrator_queue_instance ON orchestrator_queue (instance_id, id);
+
+-- Activity work items.  visible_at is both the retry backoff and the lease expiry.
+CREATE TABLE work_queue (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id   text NOT NULL,
+    execution_id  integer NOT NULL,
+    task_id       integer NOT NULL,
+    orchestration text NOT NULL,
+    name          text NOT NULL,
+    input         jsonb,
+    retry         jsonb,
+    attempt       integer NOT NULL DEFAULT 1,
+    visible_at    timestamptz NOT NULL DEFAULT now(),
+    lease_token   uuid,
+    lease_owner   text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (instance_id, execution_id, task_id)
+);
+-- Claims walk (name, id) and filter on visible_at, so the lease UPDATE (it changes only
+-- visible_at, lease_token and lease_owner, none of them indexed) is a HOT update; the
+-- fillfactor leaves each page the room those in-place updates need.
+CREATE INDEX work_queue_fifo ON work_queue (name, id);
+ALTER TABLE work_queue SET (fillfactor = 50);
+
+-- Durable timers.
+CREATE TABLE timers (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id   text NOT NULL,
+    execution_id  integer NOT NULL,
+    task_id       integer NOT NULL,
+    orchestration text NOT NULL,
+    fire_at       timestamptz NOT NULL,
+    UNIQUE (instance_id, execution_id, task_id)
+);
+CREATE INDEX timers_due ON timers (fire_at);
+
+-- Names each runtime registers, so clients can reject unknown names.
+CREATE TABLE registry (
+    kind      text NOT NULL CHECK (kind IN ('orchestration', 'activity')),
+    name      text NOT NULL,
+    last_seen timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, name)
+);
+
+-- Live workers and the backend of their LISTEN session (dead sessions free their leases).
+CREATE TABLE workers (
+    worker_id     text PRIMARY KEY,
+    backend_pid   integer NOT NULL,
+    backend_start timestamptz,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Delivery keys of raise_event: an event is delivered at most once per key (see send()).
+-- Keys live as long as their instance: purge removes them with it.  No foreign key, so a
+-- delivery never waits for the row lock a turn holds on its instance.
+CREATE TABLE event_deliveries (
+    instance_id  text NOT NULL,
+    delivery_key text NOT NULL,
+    PRIMARY KEY (instance_id, delivery_key)
+);
+
+
+-- ======================================================================================
+-- 3. History immutability and purge
+-- History is append-only: no UPDATE, no TRUNCATE, and a history row can be deleted only once
+-- its instance row is gone; an instance row can be deleted only once the instance has
+-- finished.  Purge (a worker's right) deletes a finished instance, then its history.
+-- ======================================================================================
+
+CREATE OR REPLACE FUNCTION history_immutable() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'TRUNCATE') THEN
+        RAISE EXCEPTION 'pgdurable history is append-only: % refused', TG_OP
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = OLD.instance_id) THEN
+        RAISE EXCEPTION 'pgdurable history is append-only: instance % still exists (purge it)', OLD.instance_id
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN OLD;
+END $$;
+
+CREATE OR REPLACE FUNCTION instance_delete_guard() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    IF OLD.status NOT IN ('completed', 'failed', 'cancelled', 'terminated') THEN
+        RAISE EXCEPTION 'pgdurable instance % is %: only finished instances can be deleted', OLD.instance_id, OLD.status
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN OLD;
+END $$;
+
+CREATE TRIGGER history_no_update BEFORE UPDATE OR DELETE ON history
+    FOR EACH ROW EXECUTE FUNCTION history_immutable();
+CREATE TRIGGER history_no_truncate BEFORE TRUNCATE ON history
+    FOR EACH STATEMENT EXECUTE FUNCTION history_immutable();
+
+CREATE TRIGGER instances_delete_guard BEFORE DELETE ON instances
+    FOR EACH ROW EXECUTE FUNCTION instance_delete_guard();
+
+
+-- ======================================================================================
+-- 4. Wake-up notifications
+-- NOTIFY on channels named after the schema, one per statement: <schema>_orch and
+-- <schema>_work (new queue rows), <schema>_timer (payload: the earliest new fire_at, as epoch
+-- seconds) and <schema>_done (payload: the id of an instance that just finished).
+-- ======================================================================================
+
+CREATE OR REPLACE FUNCTION notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '_' || TG_ARGV[0], '');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER orchestrator_queue_notify AFTER INSERT ON orchestrator_queue
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_insert('orch');
+CREATE TRIGGER work_queue_notify AFTER INSERT ON work_queue
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_insert('work');
+
+CREATE OR REPLACE FUNCTION notify_timer() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    earliest timestamptz;
+BEGIN
+    SELECT min(fire_at) INTO earliest FROM new_rows;
+    IF earliest IS NOT NULL THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '_timer',
+                          extract(epoch FROM earliest)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER timers_notify AFTER INSERT ON timers
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_timer();
+
+-- Instance finished: wakes Client.wait / handle.result.
+CREATE OR REPLACE FUNCTION notify_done() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '_done', NEW.instance_id);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER instances_done_notify AFTER UPDATE OF status ON instances
+    FOR EACH ROW
+    WHEN (OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.status IN ('completed', 'failed', 'cancelled', 'terminated'))
+    EXECUTE FUNCTION notify_done();
+
+
+-- ======================================================================================
+-- 5. Client API
+-- Start, signal and cancel instances from SQL.  These functions run with the owner's rights
+-- (SECURITY DEFINER), so a client role needs no table privileges: only EXECUTE, which
+-- grant_client() gives (PUBLIC has none).
+-- ======================================================================================
+
+-- Starting any registered orchestration from SQL (same transactional rule as df.start).
+CREATE OR REPLACE FUNCTION start(name text, input jsonb, instance_id text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    id text := coalesce(instance_id, replace(gen_random_uuid()::text, '-', ''));
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'pgdurable.start: name must be a registered orchestration name';
+    END IF;
+    INSERT INTO instances (instance_id, name, status, input) VALUES (id, name, 'pending', input)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgdurable.start: instance % already exists', id USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    VALUES (id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input));
+    RETURN id;
+END $$;
+
+-- Queues a message for a live instance (a finished one ignores it).  An event whose payload
+-- holds a delivery_key is delivered at most once per key: a client retrying raise_event
+-- after a commit it could not confirm (the connection dropped during COMMIT) sends the
+-- same key again, and that second delivery is a no-op.  The key is taken out of the
+-- payload before queueing, so history records the event without it.
+CREATE OR REPLACE FUNCTION send(instance_id text, kind text, payload jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT i.status INTO st FROM instances i WHERE i.instance_id = send.instance_id;
+    IF st IS NULL THEN
+        RAISE EXCEPTION 'instance % not found', send.instance_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF st NOT IN ('pending', 'running') THEN
+        RETURN;  -- a finished instance ignores events and cancels
+    END IF;
+    IF payload ? 'delivery_key' THEN
+        INSERT INTO event_deliveries (instance_id, delivery_key)
+        VALUES (send.instance_id, payload ->> 'delivery_key')
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN;  -- delivered before
+        END IF;
+    END IF;
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    SELECT i.instance_id, NULL, i.name, send.kind, send.payload - 'delivery_key'
+    FROM instances i WHERE i.instance_id = send.instance_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION raise_event(instance_id text, name text, data jsonb DEFAULT NULL) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT send(instance_id, 'event_received', jsonb_build_object('name', name, 'data', data));
+$$;
+
+CREATE OR REPLACE FUNCTION cancel(instance_id text, reason text DEFAULT NULL) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
+$$;
+
+REVOKE ALL ON FUNCTION start(text, jsonb, text), send(text, text, jsonb),
+    raise_event(text, text, jsonb), cancel(text, text) FROM PUBLIC;
+
+
+-- ======================================================================================
+-- 6. Roles and grants
+-- Least privilege, three roles:
+--   owner  - runs migrations (owns every object here);
+--   worker - runs a Runtime: reads and writes the queues, appends history, purges;
+--   client - starts, queries and signals instances, through the client API only: it can
+--            neither write the tables nor read the queues.
+-- The owner creates the login roles and calls grant_worker(role) / grant_client(role).
+-- ======================================================================================
+
+CREATE OR REPLACE FUNCTION grant_client(role_name text) RETURNS void
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    s text := current_schema();
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, role_name);
+    EXECUTE format('GRANT SELECT ON %1$I.instances, %1$I.history, %1$I.registry, %1$I.schema_migrations TO %2$I',
+                   s, role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.start(text, jsonb, text), %1$I.send(text, text, jsonb), '
+                   '%1$I.raise_event(text, text, jsonb), %1$I.cancel(text, text) TO %2$I', s, role_name);
+END $$;
+-- A worker also purges, which removes an instance's delivery keys with it.
+CREATE OR REPLACE FUNCTION grant_worker(role_name text) RETURNS void
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    s text := current_schema();
+BEGIN
+    PERFORM grant_client(role_name);  -- a worker's Runtime also has a client
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.instances, %1$I.orchestrator_queue, '
+                   '%1$I.work_queue, %1$I.timers, %1$I.workers, %1$I.registry TO %2$I', s, role_name);
+    EXECUTE format('GRANT SELECT, INSERT ON %1$I.history TO %2$I', s, role_name);
+    EXECUTE format('GRANT SELECT, DELETE ON %1$I.event_deliveries TO %2$I', s, role_name);
+END $$;
+
+REVOKE ALL ON FUNCTION grant_client(text), grant_worker(text) FROM PUBLIC;
+
+
+-- ======================================================================================
+-- 7. The df schema: pg_durable's SQL DSL surface
+-- Node functions build graph JSON (as text, so a plain SQL string in a node position is
+-- auto-wrapped as a SQL node); df.start() records the instance in the caller's transaction;
+-- the `pgdurable.graph` orchestration of any worker interprets it.  There is one `df` per
+-- database (the migration serializes its creation with an advisory lock).
+-- ======================================================================================
+
+CREATE SCHEMA df;
+
+-- --------------------------------------------------------------------------------------
+-- 7.1 df: node construction
+-- Node construction.  A node is graph JSON as text; text not starting with '{' is SQL.
+CREATE OR REPLACE FUNCTION df._node(t text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    n jsonb;
+BEGIN
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'df: a graph node must not be NULL';
+    END IF;
+    IF left(ltrim(t), 1) <> '{' THEN
+        RETURN jsonb_build_object('type', 'sql', 'query', t);
+    END IF;
+    BEGIN
+        n := t::jsonb;
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'df: % is neither SQL nor a graph node', left(t, 80);
+    END;
+    IF jsonb_typeof(n) <> 'object' OR NOT n ? 'type' THEN
+        RAISE EXCEPTION 'df: % is not a graph node', left(t, 80);
+    END IF;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._is_open(n jsonb) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT n->>'type' = 'if' AND coalesce((n->>'open')::boolean, false);
+$$;
+
+CREATE OR REPLACE FUNCTION df._steps(n jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN n->>'type' = 'seq' THEN n->'steps' ELSE jsonb_build_array(n) END;
+$$;
+
+CREATE OR REPLACE FUNCTION df.sql(query text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+    IF query IS NULL OR btrim(query) = '' THEN
+        RAISE EXCEPTION 'df.sql: the query must not be empty';
+    END IF;
+    RETURN jsonb_build_object('type', 'sql', 'query', query)::text;
+END $$;
+
+-- ~> / df.seq.  `cond ?> a ~> b !> c`: an open `?>` takes what follows into its then-branch.
+CREATE OR REPLACE FUNCTION df.seq(a text, b text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+    x jsonb := df._node(a);
+    y jsonb := df._node(b);
+BEGIN
+    IF df._is_open(x) THEN
+        RETURN jsonb_set(x, '{then}', df.seq((x->'then')::text, b)::jsonb)::text;
+    END IF;
+    RETURN jsonb_build_object('type', 'seq', 'steps', df._steps(x) || df._steps(y))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.seq(VARIADIC steps text[]) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    acc text;
+    s text;
+BEGIN
+    IF steps IS NULL OR cardinality(steps) = 0 THEN
+        RAISE EXCEPTION 'df.seq: needs at least one step';
+    END IF;
+    FOREACH s IN ARRAY steps LOOP
+        acc := CASE WHEN acc IS NULL THEN df._node(s)::text ELSE df.seq(acc, s) END;
+    END LOOP;
+    RETURN acc;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._pair(kind text, a text, b text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    x jsonb := df._node(a);
+    y jsonb := df._node(b);
+BEGIN
+    IF df._is_open(x) THEN
+        RETURN jsonb_set(x, '{then}', df._pair(kind, (x->'then')::text, b)::jsonb)::text;
+    END IF;
+    RETURN jsonb_build_object('type', kind, 'branches', jsonb_build_array(x, y))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.join(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT df._pair('join', a, b);
+$$;
+
+CREATE OR REPLACE FUNCTION df.join3(a text, b text, c text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT jsonb_build_object('type', 'join', 'branches',
+                              jsonb_build_array(df._node(a), df._node(b), df._node(c)))::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df.race(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT df._pair('race', a, b);
+$$;
+
+CREATE OR REPLACE FUNCTION df."as"(fut text, name text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+    x jsonb := df._node(fut);
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+        RAISE EXCEPTION 'df.as: % is not a valid result name (letters, digits, _)', coalesce(name, 'NULL');
+    END IF;
+    IF df._is_open(x) THEN
+        RETURN jsonb_set(x, '{then}', df."as"((x->'then')::text, name)::jsonb)::text;
+    END IF;
+    RETURN jsonb_build_object('type', 'bind', 'name', name, 'node', x)::text;
+END $$;
+
+-- pg_durable's df.if / df.if_rows require else_branch (and are STRICT); ours also takes
+-- two arguments (no else), so they stay non-strict with else_branch DEFAULT NULL.
+CREATE OR REPLACE FUNCTION df."if"(condition text, then_branch text, else_branch text DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'if', 'cond', df._node(condition), 'then', df._node(then_branch),
+                              'else', CASE WHEN else_branch IS NULL THEN NULL ELSE df._node(else_branch) END)::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df.if_rows(result_name text, then_branch text, else_branch text DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'if_rows', 'name', result_name, 'then', df._node(then_branch),
+                              'else', CASE WHEN else_branch IS NULL THEN NULL ELSE df._node(else_branch) END)::text;
+$$;
+
+-- ?> opens an if (its else still missing); !> closes it.
+CREATE OR REPLACE FUNCTION df._then(condition text, then_node text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'if', 'cond', df._node(condition), 'then', df._node(then_node),
+                              'else', NULL, 'open', true)::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df._else(open_if text, else_node text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    x jsonb := df._node(open_if);
+BEGIN
+    IF NOT df._is_open(x) THEN
+        RAISE EXCEPTION 'df: !> needs a condition opened with ?> on its left';
+    END IF;
+    RETURN (jsonb_set(x, '{else}', df._node(else_node)) - 'open')::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.loop(body text, condition text DEFAULT NULL, continue_on_failure boolean DEFAULT false)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'loop', 'body', df._node(body),
+                              'cond', CASE WHEN condition IS NULL THEN NULL ELSE df._node(condition) END,
+                              'continue_on_failure', coalesce(continue_on_failure, false))::text;
+$$;
+
+CREATE OR REPLACE FUNCTION df._forever(body text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT df.loop(body);
+$$;
+
+CREATE OR REPLACE FUNCTION df."break"(value text DEFAULT NULL) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    IF value IS NOT NULL THEN
+        BEGIN
+            v := value::jsonb;
+        EXCEPTION WHEN others THEN
+            v := to_jsonb(value);
+        END;
+    END IF;
+    RETURN jsonb_build_object('type', 'break', 'value', v)::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.sleep(seconds double precision) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+    IF seconds IS NULL OR seconds < 0 THEN
+        RAISE EXCEPTION 'df.sleep: seconds must be >= 0';
+    END IF;
+    RETURN jsonb_build_object('type', 'sleep', 'seconds', seconds)::text;
+END $$;
+
+-- 5-field cron check (the worker re-checks with cronsim).
+CREATE OR REPLACE FUNCTION df._check_cron(expr text) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    fields text[] := regexp_split_to_array(btrim(coalesce(expr, '')), '\s+');
+    lo int[] := ARRAY[0, 0, 1, 1, 0];
+    hi int[] := ARRAY[59, 23, 31, 12, 7];
+    f text;
+    part text;
+    num text;
+    i int;
+BEGIN
+    IF cardinality(fields) <> 5 THEN
+        RAISE EXCEPTION 'bad cron expression %: expected 5 fields (min hour dom month dow)', quote_literal(expr);
+    END IF;
+    FOR i IN 1..5 LOOP
+        f := fields[i];
+        FOREACH part IN ARRAY string_to_array(f, ',') LOOP
+            IF part !~ '^(\*|[0-9]+(-[0-9]+)?|[A-Za-z]{3}(-[A-Za-z]{3})?)(/[0-9]+)?$' THEN
+                RAISE EXCEPTION 'bad cron expression %: field % (%) is malformed', quote_literal(expr), i, f;
+            END IF;
+            FOR num IN SELECT (regexp_matches(split_part(part, '/', 1), '[0-9]+', 'g'))[1] LOOP
+                IF num::int < lo[i] OR num::int > hi[i] THEN
+                    RAISE EXCEPTION 'bad cron expression %: % is out of range for field % (%-%)',
+                        quote_literal(expr), num, i, lo[i], hi[i];
+                END IF;
+            END LOOP;
+        END LOOP;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+    PERFORM df._check_cron(cron_expr);
+    RETURN jsonb_build_object('type', 'wait_for_schedule', 'cron', btrim(cron_expr))::text;
+END $$;
+
+-- timeout_seconds is an integer in pg_durable; a double here also takes fractions.
+CREATE OR REPLACE FUNCTION df.wait_for_signal(name text, timeout_seconds double precision DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'df.wait_for_signal: name must not be empty';
+    END IF;
+    IF timeout_seconds IS NOT NULL AND timeout_seconds < 0 THEN
+        RAISE EXCEPTION 'df.wait_for_signal: timeout_seconds must be >= 0';
+    END IF;
+    RETURN jsonb_build_object('type', 'wait_for_signal', 'name', name, 'timeout', timeout_seconds)::text;
+END $$;
+
+-- A URL holding a {var} or $name placeholder is checked when the node runs, after
+-- substitution (as pg_durable checks only URLs without '{').
+CREATE OR REPLACE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL,
+                                   headers jsonb DEFAULT NULL, timeout_seconds integer DEFAULT 30) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF url IS NULL OR (url !~* '^https?://' AND url !~ '\{[A-Za-z_][A-Za-z0-9_]*\}|^\$[A-Za-z_]') THEN
+        RAISE EXCEPTION 'df.http: % is not an http(s) URL', coalesce(url, 'NULL');
+    END IF;
+    IF upper(coalesce(method, 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD') THEN
+        RAISE EXCEPTION 'df.http: unsupported method %', method;
+    END IF;
+    RETURN jsonb_build_object('type', 'http', 'url', url, 'method', upper(coalesce(method, 'POST')),
+                              'body', body, 'headers', headers, 'timeout', coalesce(timeout_seconds, 30))::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.call(name text, input jsonb DEFAULT NULL) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'df.call: name must be a registered orchestration or graph';
+    END IF;
+    RETURN jsonb_build_object('type', 'call', 'name', name, 'input', input)::text;
+END $$;
+
+-- --------------------------------------------------------------------------------------
+-- 7.2 df: operators
+-- PostgreSQL gives every user-defined operator the same precedence, left-associative.
+-- Each exists twice, in `df` and in `public` (so that pg_durable scripts run unchanged);
+-- the migration creates each only when it is missing (and skips a missing `public`).
+CREATE OPERATOR df.~>  (LEFTARG = text, RIGHTARG = text, FUNCTION = df.seq);
+CREATE OPERATOR df.&   (LEFTARG = text, RIGHTARG = text, FUNCTION = df.join);
+CREATE OPERATOR df.|   (LEFTARG = text, RIGHTARG = text, FUNCTION = df.race);
+CREATE OPERATOR df.|=> (LEFTARG = text, RIGHTARG = text, FUNCTION = df.as);
+CREATE OPERATOR df.?>  (LEFTARG = text, RIGHTARG = text, FUNCTION = df._then);
+CREATE OPERATOR df.!>  (LEFTARG = text, RIGHTARG = text, FUNCTION = df._else);
+CREATE OPERATOR df.@>  (RIGHTARG = text, FUNCTION = df._forever);
+
+CREATE OPERATOR public.~>  (LEFTARG = text, RIGHTARG = text, FUNCTION = df.seq);
+CREATE OPERATOR public.&   (LEFTARG = text, RIGHTARG = text, FUNCTION = df.join);
+CREATE OPERATOR public.|   (LEFTARG = text, RIGHTARG = text, FUNCTION = df.race);
+CREATE OPERATOR public.|=> (LEFTARG = text, RIGHTARG = text, FUNCTION = df.as);
+CREATE OPERATOR public.?>  (LEFTARG = text, RIGHTARG = text, FUNCTION = df._then);
+CREATE OPERATOR public.!>  (LEFTARG = text, RIGHTARG = text, FUNCTION = df._else);
+CREATE OPERATOR public.@>  (RIGHTARG = text, FUNCTION = df._forever);
+
+-- --------------------------------------------------------------------------------------
+-- 7.3 df: validation at start
+-- Validation at start: unknown node types, bad cron, references used before a bind.
+-- $name references in SQL, found outside quotes, dollar-quoted bodies and comments, by
+-- PostgreSQL's lexing rules.  The worker's Python tokenizer is its twin (it substitutes what
+-- this validates); tests/integration/test_refs_parity.py holds both to one table of cases.
+CREATE OR REPLACE FUNCTION df._refs(q text) RETURNS TABLE (name text, null_safe boolean)
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    i int := 1;
+    n int := length(q);
+    c text;
+    esc boolean;
+    depth int;
+    j int;
+    tag text;
+    m text[];
+BEGIN
+    WHILE i <= n LOOP  -- i is always at the start of a token, never inside an identifier
+        c := substr(q, i, 1);
+        IF c = '''' OR (c IN ('e', 'E') AND substr(q, i + 1, 1) = '''') THEN
+            esc := c <> '''';
+            i := i + CASE WHEN esc THEN 2 ELSE 1 END;
+            WHILE i <= n LOOP
+                c := substr(q, i, 1);
+                IF esc AND c = E'\\' THEN
+                    i := i + 2;
+                ELSIF c = '''' AND substr(q, i + 1, 1) = '''' THEN
+                    i := i + 2;
+                ELSIF c = '''' THEN
+                    EXIT;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+            i := i + 1;
+        ELSIF c = '"' THEN
+            i := i + 1;
+            WHILE i <= n LOOP
+                IF substr(q, i, 2) = '""' THEN
+                    i := i + 2;
+                ELSIF substr(q, i, 1) = '"' THEN
+                    EXIT;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+            i := i + 1;
+        ELSIF substr(q, i, 2) = '--' THEN  -- up to the end of the line: \n or \r
+            j := least(nullif(strpos(substr(q, i), E'\n'), 0), nullif(strpos(substr(q, i), E'\r'), 0));
+            i := CASE WHEN j IS NULL THEN n + 1 ELSE i + j END;
+        ELSIF substr(q, i, 2) = '/*' THEN
+            depth := 0;
+            WHILE i <= n LOOP
+                IF substr(q, i, 2) = '/*' THEN
+                    depth := depth + 1;
+                    i := i + 2;
+                ELSIF substr(q, i, 2) = '*/' THEN
+                    depth := depth - 1;
+                    i := i + 2;
+                    EXIT WHEN depth = 0;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF c = '$' THEN
+            m := regexp_match(substr(q, i), '^\$((?:[A-Za-z_]|[^\x01-\x7F])(?:[A-Za-z0-9_]|[^\x01-\x7F])*)?\$');
+            IF m IS NOT NULL THEN  -- a dollar quote (a tag, or none): skip its body
+                tag := '$' || coalesce(m[1], '') || '$';
+                j := strpos(substr(q, i + length(tag)), tag);
+                i := CASE WHEN j = 0 THEN n + 1 ELSE i + 2 * length(tag) + j - 1 END;
+            ELSE
+                -- $name, $name?, $name.column, $name.column? or $name.*
+                m := regexp_match(substr(q, i),
+                                  '^(\$([A-Za-z_][A-Za-z0-9_]*)(?:\.\*|(?:\.[A-Za-z_][A-Za-z0-9_]*)?(\?)?))');
+                IF m IS NOT NULL THEN
+                    name := m[2];
+                    null_safe := m[3] IS NOT NULL;
+                    RETURN NEXT;
+                    i := i + length(m[1]);
+                ELSIF substr(q, i + 1, 1) ~ '^[0-9]$' THEN
+                    RAISE EXCEPTION 'df.start: positional parameters like $1 are not allowed in %; use $name references',
+                        quote_literal(left(q, 80));
+                ELSE
+                    i := i + 1;
+                END IF;
+            END IF;
+        ELSIF c ~ '^[A-Za-z_]$' OR ascii(c) > 127 THEN  -- an identifier or keyword: any `$` in it is its own
+            i := i + length((regexp_match(substr(q, i), '^(?:[A-Za-z0-9_$]|[^\x01-\x7F])+'))[1]);
+        ELSE
+            i := i + 1;
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._check_refs(refs text[], nullsafe boolean[], bound text[], what text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    FOR k IN 1..coalesce(cardinality(refs), 0) LOOP
+        IF NOT nullsafe[k] AND NOT (refs[k] = ANY (bound)) THEN
+            RAISE EXCEPTION 'df.start: $% is used before it is bound on every path (bind it with |=> %) in %',
+                refs[k], quote_literal(refs[k]), quote_literal(left(what, 80));
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._intersect(a text[], b text[]) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN a IS NULL THEN b ELSE ARRAY(SELECT unnest(a) INTERSECT SELECT unnest(b)) END;
+$$;
+
+-- Check a graph; returns the names bound after it on every path.
+CREATE OR REPLACE FUNCTION df._check(n jsonb, bound text[]) RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text := n->>'type';
+    child jsonb;
+    acc text[];
+    r record;
+    refs text[];
+    safe boolean[];
+BEGIN
+    IF jsonb_typeof(n) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'df.start: malformed graph node %', left(coalesce(n::text, 'NULL'), 80);
+    END IF;
+    CASE t
+    WHEN 'sql' THEN
+        SELECT array_agg(x.name), array_agg(x.null_safe) INTO refs, safe FROM df._refs(n->>'query') x;
+        PERFORM df._check_refs(refs, safe, bound, n->>'query');
+        RETURN bound;
+    WHEN 'http' THEN
+        SELECT array_agg(m[1]), array_agg(m[4] IS NOT NULL) INTO refs, safe
+        FROM regexp_matches(concat_ws(' ', n->>'url', n->>'body', n->>'headers'),
+                            '\$([A-Za-z_][A-Za-z0-9_]*)(\.(\*|[A-Za-z_][A-Za-z0-9_]*))?(\?)?', 'g') AS m;
+        PERFORM df._check_refs(refs, safe, bound, n->>'url');
+        RETURN bound;
+    WHEN 'seq' THEN
+        FOR child IN SELECT value FROM jsonb_array_elements(n->'steps') LOOP
+            bound := df._check(child, bound);
+        END LOOP;
+        RETURN bound;
+    WHEN 'join' THEN
+        acc := bound;
+        FOR child IN SELECT value FROM jsonb_array_elements(n->'branches') LOOP
+            acc := acc || df._check(child, bound);
+        END LOOP;
+        RETURN acc;
+    WHEN 'race' THEN
+        FOR child IN SELECT value FROM jsonb_array_elements(n->'branches') LOOP
+            acc := df._intersect(acc, df._check(child, bound));
+        END LOOP;
+        RETURN acc;
+    WHEN 'bind' THEN
+        RETURN df._check(n->'node', bound) || (n->>'name');
+    WHEN 'if', 'if_rows' THEN
+        IF t = 'if_rows' AND n->'cond' IS NULL AND NOT ((n->>'name') = ANY (bound)) THEN
+            RAISE EXCEPTION 'df.start: df.if_rows tests %, which is not bound before it', quote_literal(n->>'name');
+        END IF;
+        IF jsonb_typeof(n->'cond') = 'object' THEN
+            bound := df._check(n->'cond', bound);
+        END IF;
+        acc := df._check(n->'then', bound);
+        IF jsonb_typeof(n->'else') = 'object' THEN
+            acc := df._intersect(acc, df._check(n->'else', bound));
+        ELSE
+            acc := df._intersect(acc, bound);
+        END IF;
+        RETURN acc;
+    WHEN 'loop' THEN
+        acc := df._check(n->'body', bound);
+        IF jsonb_typeof(n->'cond') = 'object' THEN
+            PERFORM df._check(n->'cond', acc);
+        END IF;
+        RETURN bound;
+    WHEN 'wait_for_schedule' THEN
+        PERFORM df._check_cron(n->>'cron');
+        RETURN bound;
+    WHEN 'wait_for_signal' THEN
+        RETURN bound || (n->>'name');  -- a signal's result is readable as $<signal name>
+    WHEN 'fan_out' THEN  -- Python DSL graphs handed to df.start
+        IF NOT ((n->>'over') = ANY (bound)) THEN
+            RAISE EXCEPTION 'df.start: fan_out over %, which is not bound before it', quote_literal(n->>'over');
+        END IF;
+        PERFORM df._check(n->'step', bound || coalesce(n->>'as', 'item'));
+        RETURN bound;
+    WHEN 'sleep', 'call', 'break', 'activity' THEN
+        RETURN bound;
+    ELSE
+        RAISE EXCEPTION 'df.start: unknown node type %', coalesce(quote_literal(t), 'NULL');
+    END CASE;
+END $$;
+
+-- --------------------------------------------------------------------------------------
+-- 7.4 df: variables
+-- Variables ({name} in SQL), per submitting role.  The role is quote_ident(current_user)::regrole:
+-- a role name is not an identifier ("labUser", "Audit Quoted"), so it is quoted before the cast.
+CREATE TABLE df.vars (
+    name  text NOT NULL,
+    value text,
+    owner regrole NOT NULL DEFAULT quote_ident(current_user)::regrole,
+    PRIMARY KEY (owner, name)
+);
+ALTER TABLE df.vars ENABLE ROW LEVEL SECURITY;
+CREATE POLICY vars_user_isolation ON df.vars FOR ALL
+    USING (owner::oid = quote_ident(current_user)::regrole::oid)
+    WITH CHECK (owner::oid = quote_ident(current_user)::regrole::oid);
+
+CREATE OR REPLACE FUNCTION df.setvar(name text, value text) RETURNS text LANGUAGE sql STRICT AS $$
+    INSERT INTO df.vars (name, value, owner) VALUES (setvar.name, setvar.value, quote_ident(current_user)::regrole)
+    ON CONFLICT (owner, name) DO UPDATE SET value = excluded.value;
+    SELECT 'OK';
+$$;
+
+CREATE OR REPLACE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STRICT AS $$
+    SELECT v.value FROM df.vars v WHERE v.name = getvar.name AND v.owner = quote_ident(current_user)::regrole;
+$$;
+
+CREATE OR REPLACE FUNCTION df.unsetvar(name text) RETURNS text LANGUAGE sql STRICT AS $$
+    DELETE FROM df.vars v WHERE v.name = unsetvar.name AND v.owner = quote_ident(current_user)::regrole;
+    SELECT 'OK';
+$$;
+
+CREATE OR REPLACE FUNCTION df.clearvars() RETURNS text LANGUAGE sql AS $$
+    DELETE FROM df.vars v WHERE v.owner = quote_ident(current_user)::regrole;
+    SELECT 'OK';
+$$;
+
+-- --------------------------------------------------------------------------------------
+-- 7.5 df: starting
+-- Starting.  df.start runs as the caller (so current_user is the submitting role) and
+-- hands over to df._submit, which runs as the schema owner and accepts only a role the
+-- session may assume.
+CREATE OR REPLACE FUNCTION df._submit(role text, graph jsonb, label text, search_path text, vars jsonb)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    id text;
+    doc jsonb;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = role AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
+        RAISE EXCEPTION 'df.start: session user % may not submit as role %', session_user, role
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    doc := jsonb_build_object('graph', graph, 'vars', coalesce(vars, '{}'), 'role', role,
+                              'search_path', search_path, 'label', label);
+    LOOP
+        id := lpad(to_hex((random() * 4294967295)::bigint), 8, '0');
+        INSERT INTO instances (instance_id, name, status, input) VALUES (id, 'pgdurable.graph', 'pending', doc)
+        ON CONFLICT DO NOTHING;
+        EXIT WHEN FOUND;
+    END LOOP;
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    VALUES (id, 1, 'pgdurable.graph', 'orchestration_started',
+            jsonb_build_object('name', 'pgdurable.graph', 'input', doc));
+    RETURN id;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._start_new(fut text, label text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    ext_schema text;
+    host text;
+    conn text;
+    id text;
+BEGIN
+    SELECT n.nspname INTO ext_schema
+    FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'dblink';
+    IF ext_schema IS NULL THEN
+        RAISE EXCEPTION 'df.start(transaction_mode => ''new'') needs the dblink extension: CREATE EXTENSION dblink'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    host := coalesce(host(inet_server_addr()),
+                     nullif(btrim(split_part(current_setting('unix_socket_directories'), ',', 1)), ''));
+    conn := format('dbname=%s user=%s port=%s', quote_literal(current_database()), quote_literal(session_user),
+                   current_setting('port'));
+    IF host IS NOT NULL THEN
+        conn := conn || format(' host=%s', quote_literal(host));
+    END IF;
+    EXECUTE format('SELECT t.id FROM %I.dblink($1, $2) AS t(id text)', ext_schema)
+        INTO id
+        USING conn, format('SET ROLE %I; SELECT df.start(%L, %L)', current_user, fut, label);
+    RETURN id;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAULT NULL,
+                                    transaction_mode text DEFAULT 'caller') RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    graph jsonb := df._node(fut);
+    mode text := lower(coalesce(transaction_mode, 'caller'));
+BEGIN
+    IF database IS NOT NULL AND database <> current_database() THEN
+        RAISE EXCEPTION 'df.start: database % is not this database (%); start it there', database, current_database();
+    END IF;
+    IF mode = 'new' THEN
+        RETURN df._start_new(fut, label);
+    ELSIF mode <> 'caller' THEN
+        RAISE EXCEPTION 'df.start: transaction_mode must be ''caller'' or ''new'', not %', quote_literal(transaction_mode);
+    END IF;
+    PERFORM df._check(graph, ARRAY[]::text[]);
+    RETURN df._submit(current_user::text, graph, label, current_setting('search_path'),
+                      (SELECT jsonb_object_agg(v.name, v.value) FROM df.vars v
+                       WHERE v.owner = quote_ident(current_user)::regrole));
+END $$;
+
+-- --------------------------------------------------------------------------------------
+-- 7.6 df: monitoring, signals and cancellation
+-- Monitoring: instances started with df.start, visible to the roles that may act as
+-- their submitter (superusers see all).  pg_durable's columns first, then ours.
+-- Everything that reads instance state is VOLATILE: `SELECT df.await_instance(id, 30),
+-- df.status(id)` must see the state await_instance waited for, not the statement's snapshot.
+CREATE OR REPLACE VIEW df.instances WITH (security_barrier) AS
+SELECT i.instance_id::varchar(8)                       AS id,
+       i.input->>'label'                               AS label,
+       'n0'::varchar(8)                                AS root_node,
+       i.status,
+       r.oid::regrole                                  AS submitted_by,
+       current_database()::text COLLATE "default"      AS database,
+       i.created_at,
+       i.updated_at,
+       CASE WHEN i.status = 'completed' THEN i.updated_at END AS completed_at,
+       i.name                                          AS function_name,
+       i.execution_id::bigint                          AS execution_count,
+       i.output,
+       i.error
+FROM instances i
+JOIN pg_roles r ON r.rolname = i.input->>'role'
+WHERE i.name = 'pgdurable.graph' AND i.parent_instance_id IS NULL
+  AND pg_has_role(current_user, r.oid, 'MEMBER');
+
+CREATE OR REPLACE FUNCTION df._send(instance_id text, kind text, payload jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles r ON r.rolname = i.input->>'role'
+                   WHERE i.instance_id = _send.instance_id AND i.name = 'pgdurable.graph'
+                     AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
+        RAISE EXCEPTION 'Instance not found or access denied: %', _send.instance_id USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM send(instance_id, kind, payload);
+END $$;
+
+CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
+RETURNS text LANGUAGE plpgsql STRICT AS $$
+DECLARE
+    data jsonb;
+BEGIN
+    IF instance_id = '' THEN
+        RAISE EXCEPTION 'Instance ID cannot be empty';
+    END IF;
+    IF signal_name = '' THEN
+        RAISE EXCEPTION 'Signal name cannot be empty';
+    END IF;
+    BEGIN
+        data := signal_data::jsonb;
+    EXCEPTION WHEN others THEN
+        data := to_jsonb(signal_data);
+    END;
+    PERFORM df._send(instance_id, 'event_received', jsonb_build_object('name', signal_name, 'data', data));
+    RETURN 'OK';
+END $$;
+
+-- Cooperative: the instance gets a cancel request and its worker stops it (status
+-- 'cancelled' once the worker has processed it; df.await_instance waits for that).
+CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user') RETURNS text
+LANGUAGE plpgsql STRICT AS $$
+BEGIN
+    PERFORM df._send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
+    RETURN format('Instance %s cancelled: %s', instance_id, reason);
+END $$;
+
+CREATE OR REPLACE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT i.status FROM df.instances i WHERE i.id = status.instance_id;
+$$;
+
+-- The root node's result (the instance's output) as text, as in pg_durable.
+CREATE OR REPLACE FUNCTION df.result(instance_id text) RETURNS text LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT i.output::text FROM df.instances i WHERE i.id = result.instance_id AND i.status = 'completed';
+$$;
+
+-- pg_durable's page-size guard (its pg_durable.list_instances_max_limit GUC, at its default).
+CREATE OR REPLACE FUNCTION df._check_limit(limit_count integer) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF limit_count IS NULL OR limit_count < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1';
+    END IF;
+    IF limit_count > 1000 THEN
+        RAISE EXCEPTION 'df.list_instances: limit_count (%) exceeds pg_durable.list_instances_max_limit (1000); '
+            'request fewer rows, or use the paginated df.list_instances overload (after_cursor/next_cursor) '
+            'for large result sets', limit_count;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint, output text)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM df._check_limit(limit_count);
+    RETURN QUERY
+    SELECT i.id::text, i.label, i.function_name, i.status, i.execution_count, i.output::text
+    FROM df.instances i
+    WHERE status_filter IS NULL OR i.status = status_filter
+    ORDER BY i.created_at DESC, i.id
+    LIMIT limit_count;
+END $$;
+
+-- Polls (inside SQL a LISTEN cannot be consumed); needs READ COMMITTED to see progress.
+-- timeout_seconds is an integer in pg_durable; a double here also takes fractions.
+CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout_seconds double precision DEFAULT 30)
+RETURNS text LANGUAGE plpgsql VOLATILE STRICT AS $$
+DECLARE
+    deadline timestamptz;
+    st text;
+    pause double precision := 0.02;
+BEGIN
+    IF timeout_seconds <= 0 THEN
+        RAISE EXCEPTION 'df.await_instance: timeout_seconds must be > 0';
+    END IF;
+    deadline := clock_timestamp() + make_interval(secs => timeout_seconds);
+    LOOP
+        SELECT i.status INTO st FROM df.instances i WHERE i.id = await_instance.instance_id;
+        IF st IS NULL THEN
+            RAISE EXCEPTION 'Instance not found: %', instance_id USING ERRCODE = 'no_data_found';
+        END IF;
+        IF st IN ('completed', 'failed', 'cancelled', 'terminated') THEN
+            RETURN st;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'df.await_instance: instance % is still % after % s', instance_id, st, timeout_seconds
+                USING ERRCODE = 'query_canceled';
+        END IF;
+        PERFORM pg_sleep(least(pause, greatest(extract(epoch FROM deadline - clock_timestamp()), 0)));
+        pause := least(pause * 1.5, 0.5);
+    END LOOP;
+END $$;
+
+-- --------------------------------------------------------------------------------------
+-- 7.7 df: node states
+-- Nodes of an instance's graph with their states.  SQL and HTTP nodes have a physical
+-- state read from the history (activity events carry the node id); other nodes are
+-- derived from their children and siblings (`python -m pgdurable_async graph ID`
+-- computes exact states for every node by replaying the history).
+CREATE OR REPLACE FUNCTION df._graph_nodes(graph jsonb)
+RETURNS TABLE (node_id text, parent_id text, depth int, pos int, node jsonb)
+LANGUAGE sql IMMUTABLE AS $$
+    WITH RECURSIVE walk(node_id, parent_id, depth, pos, node) AS (
+        SELECT 'n0'::text, NULL::text, 0, 0, graph
+        UNION ALL
+        SELECT w.node_id || '.' || c.idx, w.node_id, w.depth + 1, c.idx, c.child
+        FROM walk w
+        CROSS JOIN LATERAL (
+            SELECT (e.ord - 1)::int AS idx, e.value AS child
+            FROM jsonb_array_elements(CASE WHEN w.node->>'type' = 'seq' THEN w.node->'steps'
+                                           WHEN w.node->>'type' IN ('join', 'race') THEN w.node->'branches'
+                                           ELSE '[]'::jsonb END) WITH ORDINALITY AS e(value, ord)
+            UNION ALL
+            SELECT f.idx, w.node->f.field
+            FROM (VALUES ('bind', 'node', 0), ('if', 'cond', 0), ('if', 'then', 1), ('if', 'else', 2),
+                         ('if_rows', 'cond', 0), ('if_rows', 'then', 1), ('if_rows', 'else', 2),
+                         ('loop', 'body', 0), ('loop', 'cond', 1), ('fan_out', 'step', 0)) AS f(kind, field, idx)
+            WHERE f.kind = w.node->>'type' AND jsonb_typeof(w.node->f.field) = 'object'
+        ) c
+    )
+    SELECT * FROM walk;
+$$;
+
+-- df._instance_nodes adds the failed nodes' error message for df.nodes.
+CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
+RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
+               status text, result text, status_details text, inferred_status text,
+               inferred_status_from_ancestor_id text, updated_at timestamptz, error text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+#variable_conflict use_column
+DECLARE
+    inst record;
+    r record;
+    st jsonb := '{}';      -- node id -> inferred status
+    kids text[];
+    k text;
+    s text;
+    pass int;
+    finished boolean;
+BEGIN
+    SELECT i.* INTO inst FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
+    WHERE i.instance_id = instance_id_param AND i.name = 'pgdurable.graph'
+      AND pg_has_role(session_user, ro.oid, 'MEMBER');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'df.instance_nodes: instance % not found', instance_id_param
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    finished := inst.status IN ('completed', 'failed', 'cancelled', 'terminated');
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.df_nodes (
+        node_id text PRIMARY KEY, parent_id text, depth int, pos int, node jsonb,
+        status text, result text, details text, at timestamptz, error text) ON COMMIT DROP;
+    DELETE FROM pg_temp.df_nodes;
+    INSERT INTO pg_temp.df_nodes
+    SELECT g.node_id, g.parent_id, g.depth, g.pos, g.node, a.status, a.result, a.details, a.at, a.error
+    FROM df._graph_nodes(inst.input->'graph') g
+    LEFT JOIN LATERAL (
+        SELECT CASE d.event_type WHEN 'activity_completed' THEN 'completed'
+                                 WHEN 'activity_failed' THEN 'failed' ELSE 'running' END AS status,
+               -- a SQL node's result without the interpreter's private column types
+               coalesce(CASE jsonb_typeof(d.payload->'result')
+                             WHEN 'object' THEN (d.payload->'result') - '_pgdurable_columns'
+                             ELSE d.payload->'result' END,
+                        d.payload->'error')::text AS result,
+               jsonb_build_object('execution_id', h.instance_id || '::' || h.execution_id,
+                                  'task_id', h.payload->'task_id')::text AS details,
+               coalesce(d.recorded_at, h.recorded_at) AS at,
+               coalesce(d.payload->'error'->>'message', d.payload->>'error') AS error
+        FROM history h
+        LEFT JOIN history d ON d.instance_id = h.instance_id AND d.execution_id = h.execution_id
+             AND d.event_type IN ('activity_completed', 'activity_failed') AND d.payload->'task_id' = h.payload->'task_id'
+        WHERE h.instance_id = inst.instance_id AND h.execution_id = inst.execution_id
+          AND h.event_type = 'activity_scheduled' AND h.payload->'input'->>'node' = g.node_id
+        ORDER BY h.seq DESC LIMIT 1
+    ) a ON true;
+    FOR r IN SELECT * FROM pg_temp.df_nodes WHERE status IS NOT NULL LOOP
+        st := st || jsonb_build_object(r.node_id, r.status);
+    END LOOP;
+    FOR pass IN 1..3 LOOP  -- children before parents; a few passes settle sibling rules
+        FOR r IN SELECT * FROM pg_temp.df_nodes n WHERE n.status IS NULL ORDER BY n.depth DESC, n.pos LOOP
+            SELECT array_agg(coalesce(st->>c.node_id, 'pending') ORDER BY c.pos) INTO kids
+            FROM pg_temp.df_nodes c WHERE c.parent_id = r.node_id;
+            IF kids IS NULL THEN  -- a leaf without its own record: done once its successors started
+                s := CASE WHEN EXISTS (SELECT 1 FROM pg_temp.df_nodes sib
+                                       JOIN pg_temp.df_nodes p ON p.node_id = sib.parent_id
+                                       WHERE sib.parent_id = r.parent_id AND sib.pos > r.pos
+                                         AND p.node->>'type' = 'seq'
+                                         AND coalesce(st->>sib.node_id, 'pending') <> 'pending')
+                          THEN 'completed' ELSE 'pending' END;
+            ELSIF r.node->>'type' = 'seq' THEN
+                s := CASE WHEN 'failed' = ANY (kids) THEN 'failed'
+                          WHEN kids[cardinality(kids)] = 'completed' THEN 'completed'
+                          WHEN kids <> array_fill('pending'::text, ARRAY[cardinality(kids)]) THEN 'running'
+                          ELSE 'pending' END;
+            ELSIF r.node->>'type' = 'join' THEN
+                s := CASE WHEN 'failed' = ANY (kids) THEN 'failed'
+                          WHEN kids = array_fill('completed'::text, ARRAY[cardinality(kids)]) THEN 'completed'
+                          WHEN 'running' = ANY (kids) OR 'completed' = ANY (kids) THEN 'running'
+                          ELSE 'pending' END;
+            ELSE  -- race, if, if_rows, bind, loop, fan_out
+                s := CASE WHEN r.node->>'type' IN ('race', 'bind', 'fan_out') AND 'completed' = ANY (kids) THEN 'completed'
+                          WHEN r.node->>'type' IN ('if', 'if_rows') AND kids[1] = 'completed'
+                               AND 'completed' = ANY (kids[2:]) THEN 'completed'
+                          WHEN 'failed' = ANY (kids) THEN 'failed'
+                          WHEN 'running' = ANY (kids) OR 'completed' = ANY (kids) THEN 'running'
+                          ELSE 'pending' END;
+            END IF;
+            st := st || jsonb_build_object(r.node_id, s);
+        END LOOP;
+    END LOOP;
+    IF inst.status = 'completed' THEN
+        st := st || jsonb_build_object('n0', 'completed');
+    END IF;
+    FOR r IN SELECT * FROM pg_temp.df_nodes ORDER BY node_id LOOP
+        node_id := r.node_id;
+        node_type := upper(r.node->>'type');
+        query := CASE WHEN r.node->>'type' = 'sql' THEN r.node->>'query'
+                      ELSE (r.node - ARRAY['steps', 'branches', 'node', 'cond', 'then', 'else', 'body', 'step'])::text END;
+        result_name := CASE WHEN r.node->>'type' = 'bind' THEN r.node->>'name' END;
+        SELECT min(c.node_id) FILTER (WHERE c.pos = 0), min(c.node_id) FILTER (WHERE c.pos = 1)
+            INTO left_node, right_node FROM pg_temp.df_nodes c WHERE c.parent_id = r.node_id;
+        status := coalesce(r.status, CASE WHEN st->>r.node_id = 'running' AND finished THEN 'failed'
+                                          ELSE st->>r.node_id END);
+        result := r.result;
+        status_details := r.details;
+        inferred_status := st->>r.node_id;
+        inferred_status_from_ancestor_id := NULL;
+        IF finished AND inferred_status IN ('pending', 'running') THEN
+            inferred_status := 'skipped';
+            inferred_status_from_ancestor_id := r.parent_id;
+        END IF;
+        updated_at := coalesce(r.at, inst.updated_at);
+        error := r.error;
+        RETURN NEXT;
+    END LOOP;
+    DELETE FROM pg_temp.df_nodes;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text)
+RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
+               status text, result text, status_details text, inferred_status text,
+               inferred_status_from_ancestor_id text, updated_at timestamptz)
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result,
+           n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at
+    FROM df._instance_nodes(instance_id_param) n;
+$$;
+
+-- Every node of every visible instance (computed per instance), pg_durable's columns first.
+-- Node ids are paths in the graph (n0, n0.1, ...), not pg_durable's 8-hex row ids.
+CREATE OR REPLACE VIEW df.nodes AS
+SELECT n.node_id::text AS id, i.id AS instance_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
+       n.status, n.result::jsonb AS result, n.error, i.submitted_by, i.database, i.created_at, n.updated_at,
+       n.status_details::jsonb AS status_details, n.inferred_status, n.inferred_status_from_ancestor_id
+FROM df.instances i
+CROSS JOIN LATERAL df._instance_nodes(i.id) n;
+
+-- --------------------------------------------------------------------------------------
+-- 7.8 df: more monitoring
+-- More monitoring: one instance, its executions, a paginated listing, system-wide counts,
+-- a text explain.
+CREATE OR REPLACE FUNCTION df.instance_info(instance_id text)
+RETURNS TABLE (instance_id text, label text, function_name text, function_version text,
+               current_execution_id bigint, status text, output text)
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT i.id::text, i.label, i.function_name, '1.0.0'::text, i.execution_count, i.status, i.output::text
+    FROM df.instances i WHERE i.id = instance_info.instance_id;
+$$;
+
+-- One row per execution (a loop that continues as new starts another), newest first;
+-- status in duroxide's words as in pg_durable: Running, Completed, Failed, ContinuedAsNew.
+CREATE OR REPLACE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
+RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint, output text)
+LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER SET search_path FROM CURRENT AS $$
+#variable_conflict use_column
+BEGIN
+    IF limit_count < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
+                   WHERE i.instance_id = instance_executions.instance_id AND i.name = 'pgdurable.graph'
+                     AND pg_has_role(session_user, ro.oid, 'MEMBER')) THEN
+        RETURN;  -- not found or not visible: no history to show, as in pg_durable
+    END IF;
+    RETURN QUERY
+    SELECT e.execution_id::bigint,
+           CASE last.event_type WHEN 'orchestration_completed' THEN 'Completed'
+                                WHEN 'continued_as_new' THEN 'ContinuedAsNew'
+                                WHEN 'orchestration_failed' THEN 'Failed'
+                                WHEN 'orchestration_cancelled' THEN 'Failed'
+                                WHEN 'orchestration_terminated' THEN 'Failed'
+                                ELSE 'Running' END,
+           e.events,
+           CASE WHEN last.event_type IN ('orchestration_completed', 'continued_as_new', 'orchestration_failed',
+                                         'orchestration_cancelled', 'orchestration_terminated')
+                THEN (extract(epoch FROM last.recorded_at - e.started) * 1000)::bigint ELSE 0 END,
+           CASE last.event_type WHEN 'orchestration_completed' THEN (last.payload->'output')::text
+                                WHEN 'continued_as_new' THEN (last.payload->'input')::text
+                                WHEN 'orchestration_failed' THEN (last.payload->'error')::text
+                                WHEN 'orchestration_cancelled' THEN (last.payload->'reason')::text
+                                WHEN 'orchestration_terminated' THEN (last.payload->'reason')::text END
+    FROM (SELECT h.execution_id, count(*) AS events, min(h.recorded_at) AS started, max(h.seq) AS last_seq
+          FROM history h WHERE h.instance_id = instance_executions.instance_id
+          GROUP BY h.execution_id
+          ORDER BY h.execution_id DESC LIMIT least(limit_count, 10000)) e
+    JOIN history last ON last.instance_id = instance_executions.instance_id
+                     AND last.execution_id = e.execution_id AND last.seq = e.last_seq
+    ORDER BY e.execution_id DESC;
+END $$;
+
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
+                                             after_cursor text DEFAULT NULL)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint,
+               output text, created_at timestamptz, completed_at timestamptz, next_cursor text)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    after_at timestamptz;
+    after_id text;
+BEGIN
+    PERFORM df._check_limit(limit_count);
+    IF after_cursor IS NOT NULL THEN
+        BEGIN
+            after_at := split_part(convert_from(decode(after_cursor, 'hex'), 'UTF8'), '|', 1)::timestamptz;
+            after_id := split_part(convert_from(decode(after_cursor, 'hex'), 'UTF8'), '|', 2);
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION 'df.list_instances: malformed after_cursor';
+        END;
+    END IF;
+    RETURN QUERY
+    WITH page AS (
+        SELECT i.* FROM df.instances i
+        WHERE (status_filter IS NULL OR i.status = status_filter)
+          AND (label_filter IS NULL OR i.label = label_filter)
+          AND (after_at IS NULL OR i.created_at < after_at OR (i.created_at = after_at AND i.id > after_id))
+        ORDER BY i.created_at DESC, i.id
+        LIMIT limit_count + 1
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.created_at DESC, p.id) AS n, count(*) OVER () AS total FROM page p
+    )
+    SELECT x.id::text, x.label, x.function_name, x.status, x.execution_count, x.output::text, x.created_at,
+           x.completed_at,
+           (SELECT CASE WHEN x.total > limit_count
+                        THEN encode(convert_to(l.created_at::text || '|' || l.id, 'UTF8'), 'hex') END
+            FROM numbered l WHERE l.n = limit_count)
+    FROM numbered x WHERE x.n <= limit_count
+    ORDER BY x.n;
+END $$;
+
+-- System-wide counts over every instance of this pgdurable schema (graphs, their
+-- sub-workflows and code orchestrations): only for roles granted it explicitly.
+CREATE OR REPLACE FUNCTION df.metrics()
+RETURNS TABLE (total_instances bigint, running_instances bigint, completed_instances bigint,
+               failed_instances bigint, total_executions bigint, total_events bigint)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT count(*),
+           count(*) FILTER (WHERE i.status IN ('pending', 'running')),
+           count(*) FILTER (WHERE i.status = 'completed'),
+           count(*) FILTER (WHERE i.status IN ('failed', 'cancelled', 'terminated')),
+           coalesce(sum(i.execution_id), 0)::bigint,
+           (SELECT count(*) FROM history)
+    FROM instances i;
+$$;
+REVOKE EXECUTE ON FUNCTION df.metrics() FROM PUBLIC;
+
+-- An indented outline of an instance (an 8-hex id), of a graph (node JSON or a plain SQL
+-- statement), or of a DSL expression given as text, which is evaluated as the caller.
+CREATE OR REPLACE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql VOLATILE STRICT AS $$
+DECLARE
+    out text := '';
+    expr text := btrim(input);
+    graph jsonb;
+    r record;
+BEGIN
+    IF expr ~* '^[0-9a-f]{8}$' THEN
+        IF df.status(expr) IS NULL THEN
+            RETURN format('Instance ''%s'' not found', expr);
+        END IF;
+        FOR r IN SELECT * FROM df.instance_nodes(expr) LOOP
+            out := out || repeat('  ', length(r.node_id) - length(replace(r.node_id, '.', ''))) || r.node_type
+                || coalesce(' ' || left(regexp_replace(r.query, '\s+', ' ', 'g'), 60), '')
+                || '  [' || r.inferred_status || ']' || E'\n';
+        END LOOP;
+        RETURN out;
+    END IF;
+    IF left(expr, 1) <> '{'
+       AND expr !~* '^(SELECT|INSERT|UPDATE|DELETE|WITH|CREATE|ALTER|DROP|CALL|DO|TRUNCATE|GRANT|REVOKE|EXPLAIN|VALUES|TABLE)\s'
+       AND expr ~ '(~>|\|=>|\?>|!>|@>|df\.)' THEN
+        EXECUTE format('SELECT (%s)::text', expr) INTO expr;
+        IF expr IS NULL THEN
+            RETURN 'Expression returned NULL';
+        END IF;
+    END IF;
+    graph := df._node(expr);
+    FOR r IN SELECT * FROM df._graph_nodes(graph) g ORDER BY g.node_id LOOP
+        out := out || repeat('  ', r.depth) || upper(r.node->>'type')
+            || coalesce(' ' || left(regexp_replace(r.node->>'query', '\s+', ' ', 'g'), 60), '')
+            || coalesce(' as ' || CASE WHEN r.node->>'type' = 'bind' THEN r.node->>'name' END, '') || E'\n';
+    END LOOP;
+    RETURN out;
+END $$;
+
+-- --------------------------------------------------------------------------------------
+-- 7.9 df: privileges
+-- Privileges.  Nothing in `df` is usable without USAGE on the schema, which
+-- df.grant_usage gives.  df.http needs include_http; the worker's login role must be a
+-- member of each submitting role (GRANT app_role TO worker_role) to run its SQL as it.
+REVOKE ALL ON SCHEMA df FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION df.grant_usage(p_role text, include_http boolean DEFAULT false,
+                                          with_grant boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    opt text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
+    fn record;
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA df TO %I%s', p_role, opt);
+    FOR fn IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
+        CONTINUE WHEN fn.proname = 'http' AND NOT include_http;
+        CONTINUE WHEN fn.proname IN ('grant_usage', 'revoke_usage', 'metrics') AND NOT with_grant;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I%s', fn.sig, p_role, opt);
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON df.instances, df.nodes TO %I%s', p_role, opt);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %I%s', p_role, opt);
+END $$;
+
+CREATE OR REPLACE FUNCTION df.revoke_usage(p_role text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    fn record;
+BEGIN
+    FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', fn.sig, p_role);
+    END LOOP;
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars FROM %I', p_role);
+    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %I', p_role);
+END $$;
+
+REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text),
+    df.http(text, text, text, jsonb, integer) FROM PUBLIC;
