@@ -1,6 +1,6 @@
 -- pgdurable_async, version 7: df._refs finds the $name references the worker finds.
 -- df.start validates a graph with df._refs; the worker substitutes what its Python tokenizer
--- (pgdurable_async/_graph_tokens.py) finds.  They disagreed on a few inputs; both now follow
+-- (pgdurable_async/_graph/tokens.py) finds.  They disagreed on a few inputs; both now follow
 -- PostgreSQL's own lexer (tests/integration/test_refs_parity.py holds them to one table):
 --   * an identifier starts with a letter, `_` or any non-ASCII character and goes on with
 --     those, digits and `$`: the `$x` of `café$x` or `€$x` is part of it, no reference;

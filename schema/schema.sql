@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0007, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0008, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -160,6 +160,12 @@ CREATE TABLE event_deliveries (
 -- finished.  Purge (a worker's right) deletes a finished instance, then its history.
 -- ======================================================================================
 
+-- The statuses an instance never leaves (Python's twin: Status.is_terminal).
+CREATE OR REPLACE FUNCTION is_finished(status text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT status IN ('completed', 'failed', 'cancelled', 'terminated')
+$$;
+
 CREATE OR REPLACE FUNCTION history_immutable() RETURNS trigger LANGUAGE plpgsql
     SET search_path FROM CURRENT AS $$
 BEGIN
@@ -177,7 +183,7 @@ END $$;
 CREATE OR REPLACE FUNCTION instance_delete_guard() RETURNS trigger LANGUAGE plpgsql
     SET search_path FROM CURRENT AS $$
 BEGIN
-    IF OLD.status NOT IN ('completed', 'failed', 'cancelled', 'terminated') THEN
+    IF NOT is_finished(OLD.status) THEN
         RAISE EXCEPTION 'pgdurable instance % is %: only finished instances can be deleted', OLD.instance_id, OLD.status
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -236,8 +242,7 @@ END $$;
 
 CREATE TRIGGER instances_done_notify AFTER UPDATE OF status ON instances
     FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status
-          AND NEW.status IN ('completed', 'failed', 'cancelled', 'terminated'))
+    WHEN (OLD.status IS DISTINCT FROM NEW.status AND is_finished(NEW.status))
     EXECUTE FUNCTION notify_done();
 
 
@@ -248,6 +253,27 @@ CREATE TRIGGER instances_done_notify AFTER UPDATE OF status ON instances
 -- grant_client() gives (PUBLIC has none).
 -- ======================================================================================
 
+-- An instance row and its start message, for many instances in one statement; returns the
+-- ids created (a taken id is skipped).  start() and the turns' child starts use it.
+CREATE OR REPLACE FUNCTION create_instances(ids text[], names text[], inputs jsonb[], parents text[],
+                                            parent_executions integer[], parent_tasks integer[])
+RETURNS SETOF text LANGUAGE sql SET search_path FROM CURRENT AS $$
+    WITH created AS (
+        INSERT INTO instances (instance_id, name, status, input,
+                               parent_instance_id, parent_execution_id, parent_task_id)
+        SELECT c.id, c.name, 'pending', c.input, c.parent, c.parent_execution, c.parent_task
+        FROM unnest(ids, names, inputs, parents, parent_executions, parent_tasks)
+             AS c(id, name, input, parent, parent_execution, parent_task)
+        ON CONFLICT (instance_id) DO NOTHING
+        RETURNING instance_id, name, input
+    )
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    SELECT instance_id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input)
+    FROM created
+    RETURNING instance_id
+$$;
+REVOKE ALL ON FUNCTION create_instances(text[], text[], jsonb[], text[], integer[], integer[]) FROM PUBLIC;
+
 -- Starting any registered orchestration from SQL (same transactional rule as df.start).
 CREATE OR REPLACE FUNCTION start(name text, input jsonb, instance_id text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
@@ -257,13 +283,10 @@ BEGIN
     IF name IS NULL OR name = '' THEN
         RAISE EXCEPTION 'pgdurable.start: name must be a registered orchestration name';
     END IF;
-    INSERT INTO instances (instance_id, name, status, input) VALUES (id, name, 'pending', input)
-    ON CONFLICT DO NOTHING;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM create_instances(ARRAY[id], ARRAY[name], ARRAY[input], ARRAY[NULL::text],
+                                                  ARRAY[NULL::integer], ARRAY[NULL::integer])) THEN
         RAISE EXCEPTION 'pgdurable.start: instance % already exists', id USING ERRCODE = 'unique_violation';
     END IF;
-    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
-    VALUES (id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input));
     RETURN id;
 END $$;
 
@@ -281,7 +304,7 @@ BEGIN
     IF st IS NULL THEN
         RAISE EXCEPTION 'instance % not found', send.instance_id USING ERRCODE = 'no_data_found';
     END IF;
-    IF st NOT IN ('pending', 'running') THEN
+    IF is_finished(st) THEN
         RETURN;  -- a finished instance ignores events and cancels
     END IF;
     IF payload ? 'delivery_key' THEN

@@ -31,10 +31,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-try:
-    from pgdurable_async._graph.tokens import references, tokens
-except ImportError:  # before the graph modules moved into the pgdurable_async._graph package
-    from pgdurable_async._graph_tokens import references, tokens  # type: ignore[no-redef,assignment,unused-ignore]
+from pgdurable_async._graph.tokens import references, tokens
 
 Outcome = list[tuple[str, bool]] | str
 POSITIONAL = "positional parameter refused"

@@ -207,3 +207,22 @@ async def test_migrating_twice_changes_nothing(pg_dump: str, empty_dsn: str) -> 
     _assert_same(structure, again_structure, "first migrate", "second migrate", "pg_dump --schema-only outputs")
     _assert_same(privileges, again_privileges, "first migrate", "second migrate", "privileges")
     assert again_versions == versions
+
+
+async def test_upgrading_one_version_at_a_time_builds_the_same_database(
+    pg_dump: str, empty_dsn: str, second_empty_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upgrade path of a long-lived database: every migration in a ``migrate`` run of its own."""
+    from pgdurable_async._store import migrations as migrator
+
+    shipped = migrator.migrations()
+    for k in range(1, len(shipped) + 1):
+        monkeypatch.setattr(migrator, "migrations", lambda k=k: shipped[:k])
+        assert await migrator.migrate(empty_dsn) == [shipped[k - 1].version]
+    monkeypatch.undo()
+    await _apply_snapshot(second_empty_dsn)
+
+    _assert_same(await _structure(pg_dump, empty_dsn), await _structure(pg_dump, second_empty_dsn),
+                 "migrations, one run each", "schema/schema.sql", "pg_dump --schema-only outputs")
+    _assert_same(await _privileges(pg_dump, empty_dsn), await _privileges(pg_dump, second_empty_dsn),
+                 "migrations, one run each", "schema/schema.sql", "privileges")

@@ -57,20 +57,8 @@ ON CONFLICT (instance_id, execution_id, task_id) DO NOTHING;
 
 -- name: create_children
 -- Start child instances; returns the ids actually created (others already existed).
-WITH created AS (
-    INSERT INTO instances (instance_id, name, status, input,
-                           parent_instance_id, parent_execution_id, parent_task_id)
-    SELECT c.instance_id, c.name, 'pending', c.input::jsonb, c.parent, c.parent_execution, c.task_id
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[])
-         AS c(instance_id, name, input, parent, parent_execution, task_id)
-    ON CONFLICT (instance_id) DO NOTHING
-    RETURNING instance_id, name, input
-)
-INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
-SELECT instance_id, 1, name, 'orchestration_started',
-       jsonb_build_object('name', name, 'input', input)
-FROM created
-RETURNING instance_id;
+SELECT create_instances($1::text[], $2::text[], $3::text[]::jsonb[], $4::text[], $5::int[], $6::int[])
+       AS instance_id;
 
 -- name: enqueue_messages
 -- Messages to instances named by id (their orchestration name is looked up).
@@ -294,7 +282,7 @@ WHERE instance_id = $1;
 -- name: purge_instance
 WITH gone AS (
     DELETE FROM instances
-    WHERE instance_id = $1 AND status IN ('completed', 'failed', 'cancelled', 'terminated')
+    WHERE instance_id = $1 AND is_finished(status)
     RETURNING instance_id
 ), messages AS (
     DELETE FROM orchestrator_queue WHERE instance_id IN (SELECT instance_id FROM gone)
