@@ -53,6 +53,7 @@ def load_harness() -> ModuleType:
             spec = importlib.util.spec_from_file_location("pgdurable_benchmarks.harness", path)
             if spec is not None and spec.loader is not None:
                 module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module  # dataclasses look a class's module up there
                 spec.loader.exec_module(module)
                 return module
     raise ConfigurationError(

@@ -7,6 +7,7 @@ The examples live in ``examples/`` of the repository and ship inside the wheel a
 from __future__ import annotations
 
 import importlib.util
+import sys
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -36,5 +37,6 @@ def load_example(name: str) -> ModuleType:
         if spec is None or spec.loader is None:
             raise ConfigurationError(f"cannot load the example {key!r} from {path}")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and pickling look a class's module up there
         spec.loader.exec_module(module)
     return module

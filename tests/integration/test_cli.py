@@ -19,6 +19,7 @@ import pytest
 from anyio.abc import Process
 
 import pgdurable_async as pgd
+from tests.conftest import PgServer
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "tests.integration.cli_app:app"
@@ -201,3 +202,13 @@ async def test_demo_prints_progress_and_result(dsn: str) -> None:
     assert "elapsed:" in out
     counts = dict(line.split() for line in out.splitlines() if line.startswith("  "))
     assert counts["activity_scheduled"] == counts["activity_completed"] == "20"
+
+
+@pytest.mark.timeout(90)
+async def test_bench_runs_from_the_checkout(pg_server: PgServer) -> None:
+    """``bench`` loads benchmarks/harness.py (not part of the package) and reports engine and floor."""
+    proc = await cli("bench", "--fanout", "50", "--workflows", "5", "--concurrency", "16", "--json",
+                     dsn=pg_server.admin_dsn, timeout=80)
+    assert proc.returncode == 0, proc.stderr
+    report = orjson.loads(proc.stdout)
+    assert report["ok"] and report["engine"]["fanout_events"]["activity_completed"] == 50
