@@ -8,7 +8,7 @@ from typing import Any, TypeVar, overload
 
 from ._base.definitions import DEFAULT_RETRY, ActivityDef, OrchestrationDef
 from ._base.errors import ConfigurationError
-from ._base.names import MAX_ID_LENGTH, NAME_ATTR
+from ._base.names import MAX_ID_LENGTH, NAME_ATTR, RESERVED_PREFIX, is_reserved
 from ._base.types import RetryPolicy
 from ._graph.builtins import builtin_activities, builtin_orchestrations, graph_function
 
@@ -108,6 +108,8 @@ class App:
             raise ConfigurationError(f"{getattr(fn, '__qualname__', fn)!r} must be an `async def` function")
         if not isinstance(name, str) or not name or "\x00" in name or len(name) > MAX_ID_LENGTH:
             raise ConfigurationError(f"invalid registration name {name!r}")
+        if is_reserved(name):
+            raise ConfigurationError(f"{name!r}: names starting with {RESERVED_PREFIX!r} belong to the built-ins")
         existing = self.activities.get(name) or self.orchestrations.get(name)
         if existing is not None and existing.fn is not fn:
             raise ConfigurationError(f"the name {name!r} is already registered")

@@ -25,11 +25,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from ._base.errors import GraphError
 from ._base.names import name_of
 from ._client import Client, InstanceHandle
-from ._graph.compiler import GraphError, compile_graph
+from ._graph.compiler import compile_graph
 from ._graph.http import allow_http
-from ._graph.interpreter import GRAPH_ORCHESTRATION
 
 
 class Node:
@@ -200,11 +200,15 @@ async def start(
     client: Client, graph: Node | str | dict[str, Any], *, instance_id: str | None = None,
     vars: dict[str, str] | None = None, label: str | None = None,
 ) -> InstanceHandle:
-    """Validate and start an ad-hoc graph (the ``pgdurable.graph`` orchestration)."""
-    tree = compile(graph)
-    return await client.start(
-        GRAPH_ORCHESTRATION, {"graph": tree, "vars": vars or {}, "label": label}, instance_id=instance_id
-    )
+    """Validate and start an ad-hoc graph, as ``df.start`` does: its SQL runs as the client's own role.
+
+    The client's role needs the ``df`` grant (``df.grant_usage``), and for activity or HTTP
+    nodes ``df.grant_activities`` / the ``include_http`` option, as from SQL.
+    """
+    compile(graph)  # a GraphError before anything is sent
+    return await client.start_graph(graph.to_json() if isinstance(graph, Node) else
+                                    sql(graph).to_json() if isinstance(graph, str) else graph,
+                                    label=label, vars=vars, instance_id=instance_id)
 
 
 __all__ = [

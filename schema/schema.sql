@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0008, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0009, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -62,7 +62,8 @@ CREATE TABLE instances (
     execution_id        integer NOT NULL DEFAULT 1,
     history_len         integer NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
-    updated_at          timestamptz NOT NULL DEFAULT now()
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    submitted_by        oid                 -- graph instances: the role that submitted them (df.start)
 );
 CREATE INDEX instances_status_name ON instances (status, name);
 CREATE INDEX instances_created ON instances (created_at DESC);
@@ -282,6 +283,10 @@ DECLARE
 BEGIN
     IF name IS NULL OR name = '' THEN
         RAISE EXCEPTION 'pgdurable.start: name must be a registered orchestration name';
+    END IF;
+    IF name LIKE 'pgdurable.%' THEN
+        RAISE EXCEPTION 'pgdurable.start: % is a built-in orchestration; graphs are started with df.start', name
+            USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM create_instances(ARRAY[id], ARRAY[name], ARRAY[input], ARRAY[NULL::text],
                                                   ARRAY[NULL::integer], ARRAY[NULL::integer])) THEN
@@ -620,6 +625,20 @@ BEGIN
     RETURN jsonb_build_object('type', 'call', 'name', name, 'input', input)::text;
 END $$;
 
+-- A Python activity as a graph node, from SQL: `df.call_activity('outbox.publish', '{"id": 1}')`.
+-- It runs app code with the worker's rights, so, like df.http, it needs its own grant
+-- (df.grant_activities(role)); graphs that hold an activity node
+-- (a Python DSL graph handed to df.start) need it as well.
+CREATE OR REPLACE FUNCTION df.call_activity(name text, input jsonb DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'df.call_activity: name must be a registered activity name';
+    END IF;
+    RETURN jsonb_build_object('type', 'activity', 'name', name, 'input', input)::text;
+END $$;
+REVOKE EXECUTE ON FUNCTION df.call_activity(text, jsonb) FROM PUBLIC;
+
 -- --------------------------------------------------------------------------------------
 -- 7.2 df: operators
 -- PostgreSQL gives every user-defined operator the same precedence, left-associative.
@@ -831,6 +850,113 @@ BEGIN
     END CASE;
 END $$;
 
+-- A graph as the worker reads it: a JSON string in a node position is a SQL node (as in
+-- pgdurable_async/_graph/compiler.py), and every node has the fields its type needs, so a
+-- graph the worker would refuse is refused at df.start already.
+CREATE OR REPLACE FUNCTION df._normalize(n jsonb) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    f text;
+BEGIN
+    IF jsonb_typeof(n) = 'string' THEN
+        RETURN jsonb_build_object('type', 'sql', 'query', n #>> '{}');
+    END IF;
+    IF jsonb_typeof(n) IS DISTINCT FROM 'object' THEN
+        RETURN n;  -- df._check reports it
+    END IF;
+    IF n->>'type' = 'seq' AND jsonb_typeof(n->'steps') = 'array' THEN
+        n := jsonb_set(n, '{steps}', (SELECT coalesce(jsonb_agg(df._normalize(e.value) ORDER BY e.ord), '[]')
+                                      FROM jsonb_array_elements(n->'steps') WITH ORDINALITY e(value, ord)));
+    ELSIF n->>'type' IN ('join', 'race') AND jsonb_typeof(n->'branches') = 'array' THEN
+        n := jsonb_set(n, '{branches}', (SELECT coalesce(jsonb_agg(df._normalize(e.value) ORDER BY e.ord), '[]')
+                                         FROM jsonb_array_elements(n->'branches') WITH ORDINALITY e(value, ord)));
+    END IF;
+    FOREACH f IN ARRAY CASE n->>'type' WHEN 'bind' THEN ARRAY['node'] WHEN 'if' THEN ARRAY['cond', 'then', 'else']
+                            WHEN 'if_rows' THEN ARRAY['cond', 'then', 'else'] WHEN 'loop' THEN ARRAY['body', 'cond']
+                            WHEN 'fan_out' THEN ARRAY['step'] ELSE ARRAY[]::text[] END LOOP
+        IF jsonb_typeof(n->f) IN ('string', 'object') THEN
+            n := jsonb_set(n, ARRAY[f], df._normalize(n->f));
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._check_fields(graph jsonb) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    g record;
+    n jsonb;
+    t text;
+    problem text;
+BEGIN
+    FOR g IN SELECT * FROM df._graph_nodes(graph) LOOP
+        n := g.node;
+        t := n->>'type';
+        problem := CASE
+            WHEN t = 'sql' AND (jsonb_typeof(n->'query') IS DISTINCT FROM 'string' OR n->>'query' = '')
+                THEN 'sql.query must be a non-empty string'
+            WHEN t = 'bind' AND coalesce(n->>'name', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$'
+                THEN 'bind name must be an identifier'
+            WHEN t = 'bind' AND jsonb_typeof(n->'node') IS DISTINCT FROM 'object' THEN 'bind needs a node'
+            WHEN t = 'if' AND (jsonb_typeof(n->'cond') IS DISTINCT FROM 'object'
+                               OR jsonb_typeof(n->'then') IS DISTINCT FROM 'object') THEN 'if needs cond and then'
+            WHEN t = 'if_rows' AND (jsonb_typeof(n->'then') IS DISTINCT FROM 'object'
+                                    OR (jsonb_typeof(n->'cond') IS DISTINCT FROM 'object'
+                                        AND jsonb_typeof(n->'name') IS DISTINCT FROM 'string'))
+                THEN 'if_rows needs a result name (or a cond node) and then'
+            WHEN t = 'loop' AND jsonb_typeof(n->'body') IS DISTINCT FROM 'object' THEN 'loop needs a body'
+            WHEN t = 'sleep' AND (jsonb_typeof(n->'seconds') IS DISTINCT FROM 'number' OR (n->>'seconds')::numeric < 0)
+                THEN 'sleep.seconds must be a number >= 0'
+            WHEN t IN ('wait_for_signal', 'call', 'activity')
+                 AND (jsonb_typeof(n->'name') IS DISTINCT FROM 'string' OR n->>'name' = '')
+                THEN t || '.name must be a non-empty string'
+            WHEN t IN ('wait_for_signal', 'http') AND n->'timeout' IS NOT NULL AND jsonb_typeof(n->'timeout') <> 'null'
+                 AND (jsonb_typeof(n->'timeout') <> 'number' OR (n->>'timeout')::numeric < 0)
+                THEN t || '.timeout must be a number >= 0'
+            WHEN t = 'http' AND (jsonb_typeof(n->'url') IS DISTINCT FROM 'string' OR n->>'url' = '')
+                THEN 'http.url must be a non-empty string'
+            WHEN t = 'http' AND upper(coalesce(n->>'method', 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD')
+                THEN 'unsupported HTTP method ' || quote_literal(n->>'method')
+            WHEN t = 'http' AND n->'headers' IS NOT NULL AND jsonb_typeof(n->'headers') NOT IN ('object', 'null')
+                THEN 'http.headers must be a JSON object'
+            WHEN t = 'fan_out' AND (jsonb_typeof(n->'over') IS DISTINCT FROM 'string'
+                                    OR jsonb_typeof(n->'step') IS DISTINCT FROM 'object')
+                THEN 'fan_out needs over and a step'
+            WHEN t = 'fan_out' AND n->'limit' IS NOT NULL AND jsonb_typeof(n->'limit') <> 'null'
+                 AND (jsonb_typeof(n->'limit') <> 'number' OR (n->>'limit')::numeric < 1)
+                THEN 'fan_out.limit must be at least 1'
+            WHEN t IN ('seq', 'join', 'race') AND jsonb_array_length(
+                     CASE WHEN t = 'seq' THEN n->'steps' ELSE n->'branches' END) = 0
+                THEN 'a ' || t || ' needs at least one ' || CASE WHEN t = 'seq' THEN 'step' ELSE 'branch' END
+        END;
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'df.start: % (node %)', problem, g.node_id;
+        END IF;
+    END LOOP;
+END $$;
+
+-- What a graph may hold when a role submits it: HTTP nodes only with the df.http grant,
+-- activity nodes only with the df.call_activity grant, and no built-in (pgdurable.*) names.
+CREATE OR REPLACE FUNCTION df._check_policy(graph jsonb, submitter oid) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path FROM CURRENT AS $$
+DECLARE
+    n jsonb;
+BEGIN
+    FOR n IN SELECT g.node FROM df._graph_nodes(graph) g LOOP
+        IF n->>'type' IN ('call', 'activity') AND (n->>'name') LIKE 'pgdurable.%' THEN
+            RAISE EXCEPTION 'df.start: % is a built-in and cannot be called', n->>'name'
+                USING ERRCODE = 'insufficient_privilege';
+        ELSIF n->>'type' = 'activity'
+              AND NOT has_function_privilege(submitter, 'df.call_activity(text, jsonb)', 'EXECUTE') THEN
+            RAISE EXCEPTION 'df.start: role % may not run Python activities from a graph '
+                '(df.grant_activities(role))', submitter::regrole
+                USING ERRCODE = 'insufficient_privilege';
+        ELSIF n->>'type' = 'http'
+              AND NOT has_function_privilege(submitter, 'df.http(text, text, text, jsonb, integer)', 'EXECUTE') THEN
+            RAISE EXCEPTION 'df.start: role % may not use df.http (df.grant_usage(role, include_http => true))',
+                submitter::regrole USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END LOOP;
+END $$;
+
 -- --------------------------------------------------------------------------------------
 -- 7.4 df: variables
 -- Variables ({name} in SQL), per submitting role.  The role is quote_ident(current_user)::regrole:
@@ -868,32 +994,99 @@ $$;
 
 -- --------------------------------------------------------------------------------------
 -- 7.5 df: starting
--- Starting.  df.start runs as the caller (so current_user is the submitting role) and
--- hands over to df._submit, which runs as the schema owner and accepts only a role the
--- session may assume.
-CREATE OR REPLACE FUNCTION df._submit(role text, graph jsonb, label text, search_path text, vars jsonb)
-RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+-- The one way a graph instance is created: df.start runs as the caller and hands the
+-- graph to df._submit, which files a df._requests row as the calling role (current_user).
+-- df._requests: the caller INSERTs a request as itself (the default records current_user, and
+-- row-level security refuses any other); a definer trigger checks and carries it out (creates
+-- the instance, or queues a signal or cancel); another removes the row.
+CREATE TABLE df._requests (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    requested_by oid NOT NULL DEFAULT to_regrole(quote_ident(current_user))::oid,
+    kind         text NOT NULL CHECK (kind IN ('start', 'event_received', 'cancel_requested')),
+    instance_id  text,
+    graph        jsonb,
+    label        text,
+    search_path  text,
+    vars         jsonb,
+    payload      jsonb
+);
+ALTER TABLE df._requests ENABLE ROW LEVEL SECURITY;
+ALTER TABLE df._requests FORCE ROW LEVEL SECURITY;
+
+CREATE POLICY requests_as_yourself ON df._requests
+    USING (requested_by = to_regrole(quote_ident(current_user))::oid)
+    WITH CHECK (requested_by = to_regrole(quote_ident(current_user))::oid);
+REVOKE ALL ON df._requests FROM PUBLIC;
+
+-- Runs as the schema owner, after the caller's column defaults; the row-level security check on
+-- requested_by follows it (a forged request fails there and the whole statement rolls back).
+CREATE OR REPLACE FUNCTION df._request_accept() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
-    id text;
     doc jsonb;
+    id text;
+    sub oid;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = role AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
-        RAISE EXCEPTION 'df.start: session user % may not submit as role %', session_user, role
-            USING ERRCODE = 'insufficient_privilege';
+    IF NEW.kind = 'start' THEN
+        IF octet_length(NEW.graph::text) > 4194304 THEN  -- the worker's payload limit (max_payload_bytes)
+            RAISE EXCEPTION 'df.start: the graph is too large (% bytes; the limit is 4 MiB)',
+                octet_length(NEW.graph::text) USING ERRCODE = 'program_limit_exceeded';
+        END IF;
+        NEW.graph := df._normalize(NEW.graph);
+        PERFORM df._check(NEW.graph, ARRAY[]::text[]);
+        PERFORM df._check_fields(NEW.graph);
+        PERFORM df._check_policy(NEW.graph, NEW.requested_by);
+        doc := jsonb_build_object('graph', NEW.graph, 'vars', coalesce(NEW.vars, '{}'),
+                                  'search_path', NEW.search_path, 'label', NEW.label);
+        IF NEW.instance_id IS NOT NULL THEN
+            IF NOT EXISTS (SELECT 1 FROM create_instances(ARRAY[NEW.instance_id], ARRAY['pgdurable.graph'], ARRAY[doc],
+                                                          ARRAY[NULL::text], ARRAY[NULL::integer],
+                                                          ARRAY[NULL::integer])) THEN
+                RAISE EXCEPTION 'df.start: instance % already exists', NEW.instance_id
+                    USING ERRCODE = 'unique_violation';
+            END IF;
+            id := NEW.instance_id;
+        ELSE
+            LOOP
+                id := lpad(to_hex((random() * 4294967295)::bigint), 8, '0');
+                EXIT WHEN EXISTS (SELECT 1 FROM create_instances(ARRAY[id], ARRAY['pgdurable.graph'], ARRAY[doc],
+                                                                 ARRAY[NULL::text], ARRAY[NULL::integer],
+                                                                 ARRAY[NULL::integer]));
+            END LOOP;
+        END IF;
+        UPDATE instances SET submitted_by = NEW.requested_by WHERE instance_id = id;
+        NEW.instance_id := id;
+    ELSE
+        SELECT i.submitted_by INTO sub FROM instances i
+        WHERE i.instance_id = NEW.instance_id AND i.name = 'pgdurable.graph';
+        IF sub IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = sub)
+           OR NOT pg_has_role(NEW.requested_by, sub, 'MEMBER') THEN
+            RAISE EXCEPTION 'Instance not found or access denied: %', NEW.instance_id USING ERRCODE = 'no_data_found';
+        END IF;
+        PERFORM send(NEW.instance_id, NEW.kind, NEW.payload);
     END IF;
-    doc := jsonb_build_object('graph', graph, 'vars', coalesce(vars, '{}'), 'role', role,
-                              'search_path', search_path, 'label', label);
-    LOOP
-        id := lpad(to_hex((random() * 4294967295)::bigint), 8, '0');
-        INSERT INTO instances (instance_id, name, status, input) VALUES (id, 'pgdurable.graph', 'pending', doc)
-        ON CONFLICT DO NOTHING;
-        EXIT WHEN FOUND;
-    END LOOP;
-    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
-    VALUES (id, 1, 'pgdurable.graph', 'orchestration_started',
-            jsonb_build_object('name', 'pgdurable.graph', 'input', doc));
-    RETURN id;
+    RETURN NEW;
 END $$;
+
+CREATE OR REPLACE FUNCTION df._request_done() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    DELETE FROM df._requests WHERE id = NEW.id;
+    RETURN NULL;
+END $$;
+
+
+CREATE TRIGGER requests_accept BEFORE INSERT ON df._requests FOR EACH ROW EXECUTE FUNCTION df._request_accept();
+
+CREATE TRIGGER requests_done AFTER INSERT ON df._requests FOR EACH ROW EXECUTE FUNCTION df._request_done();
+
+CREATE OR REPLACE FUNCTION df._submit(graph jsonb, label text DEFAULT NULL, search_path text DEFAULT NULL,
+                                      vars jsonb DEFAULT NULL, instance_id text DEFAULT NULL) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    INSERT INTO df._requests (kind, graph, label, search_path, vars, instance_id)
+    VALUES ('start', graph, label, search_path, vars, instance_id)
+    RETURNING instance_id;
+$$;
 
 CREATE OR REPLACE FUNCTION df._start_new(fut text, label text) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
@@ -936,8 +1129,7 @@ BEGIN
     ELSIF mode <> 'caller' THEN
         RAISE EXCEPTION 'df.start: transaction_mode must be ''caller'' or ''new'', not %', quote_literal(transaction_mode);
     END IF;
-    PERFORM df._check(graph, ARRAY[]::text[]);
-    RETURN df._submit(current_user::text, graph, label, current_setting('search_path'),
+    RETURN df._submit(graph, label, current_setting('search_path'),
                       (SELECT jsonb_object_agg(v.name, v.value) FROM df.vars v
                        WHERE v.owner = quote_ident(current_user)::regrole));
 END $$;
@@ -963,20 +1155,14 @@ SELECT i.instance_id::varchar(8)                       AS id,
        i.output,
        i.error
 FROM instances i
-JOIN pg_roles r ON r.rolname = i.input->>'role'
+JOIN pg_roles r ON r.oid = i.submitted_by
 WHERE i.name = 'pgdurable.graph' AND i.parent_instance_id IS NULL
   AND pg_has_role(current_user, r.oid, 'MEMBER');
 
-CREATE OR REPLACE FUNCTION df._send(instance_id text, kind text, payload jsonb) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles r ON r.rolname = i.input->>'role'
-                   WHERE i.instance_id = _send.instance_id AND i.name = 'pgdurable.graph'
-                     AND pg_has_role(session_user, r.oid, 'MEMBER')) THEN
-        RAISE EXCEPTION 'Instance not found or access denied: %', _send.instance_id USING ERRCODE = 'no_data_found';
-    END IF;
-    PERFORM send(instance_id, kind, payload);
-END $$;
+CREATE OR REPLACE FUNCTION df._request(kind text, instance_id text, payload jsonb) RETURNS void
+LANGUAGE sql VOLATILE AS $$
+    INSERT INTO df._requests (kind, instance_id, payload) VALUES (kind, instance_id, payload);
+$$;
 
 CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
 RETURNS text LANGUAGE plpgsql STRICT AS $$
@@ -994,7 +1180,7 @@ BEGIN
     EXCEPTION WHEN others THEN
         data := to_jsonb(signal_data);
     END;
-    PERFORM df._send(instance_id, 'event_received', jsonb_build_object('name', signal_name, 'data', data));
+    PERFORM df._request('event_received', instance_id, jsonb_build_object('name', signal_name, 'data', data));
     RETURN 'OK';
 END $$;
 
@@ -1003,7 +1189,7 @@ END $$;
 CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user') RETURNS text
 LANGUAGE plpgsql STRICT AS $$
 BEGIN
-    PERFORM df._send(instance_id, 'cancel_requested', jsonb_build_object('reason', reason));
+    PERFORM df._request('cancel_requested', instance_id, jsonb_build_object('reason', reason));
     RETURN format('Instance %s cancelled: %s', instance_id, reason);
 END $$;
 
@@ -1119,7 +1305,7 @@ DECLARE
     pass int;
     finished boolean;
 BEGIN
-    SELECT i.* INTO inst FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
+    SELECT i.* INTO inst FROM instances i JOIN pg_roles ro ON ro.oid = i.submitted_by
     WHERE i.instance_id = instance_id_param AND i.name = 'pgdurable.graph'
       AND pg_has_role(session_user, ro.oid, 'MEMBER');
     IF NOT FOUND THEN
@@ -1257,7 +1443,7 @@ BEGIN
     IF limit_count < 1 THEN
         RAISE EXCEPTION 'limit_count must be at least 1';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles ro ON ro.rolname = i.input->>'role'
+    IF NOT EXISTS (SELECT 1 FROM instances i JOIN pg_roles ro ON ro.oid = i.submitted_by
                    WHERE i.instance_id = instance_executions.instance_id AND i.name = 'pgdurable.graph'
                      AND pg_has_role(session_user, ro.oid, 'MEMBER')) THEN
         RETURN;  -- not found or not visible: no history to show, as in pg_durable
@@ -1396,11 +1582,14 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA df TO %I%s', p_role, opt);
     FOR fn IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
         CONTINUE WHEN fn.proname = 'http' AND NOT include_http;
+        CONTINUE WHEN fn.proname IN ('call_activity', 'grant_activities');  -- df.grant_activities gives it
         CONTINUE WHEN fn.proname IN ('grant_usage', 'revoke_usage', 'metrics') AND NOT with_grant;
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I%s', fn.sig, p_role, opt);
     END LOOP;
     EXECUTE format('GRANT SELECT ON df.instances, df.nodes TO %I%s', p_role, opt);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %I%s', p_role, opt);
+    EXECUTE format('GRANT INSERT (kind, instance_id, graph, label, search_path, vars, payload), SELECT (instance_id) '
+                   'ON df._requests TO %I%s', p_role, opt);
 END $$;
 
 CREATE OR REPLACE FUNCTION df.revoke_usage(p_role text) RETURNS void LANGUAGE plpgsql AS $$
@@ -1410,9 +1599,17 @@ BEGIN
     FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p WHERE p.pronamespace = 'df'::regnamespace LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', fn.sig, p_role);
     END LOOP;
-    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars FROM %I', p_role);
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars, df._requests FROM %I', p_role);
     EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %I', p_role);
 END $$;
 
+-- Beyond pg_durable: activity nodes from SQL need this on top of df.grant_usage.
+CREATE OR REPLACE FUNCTION df.grant_activities(p_role text, with_grant boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('GRANT EXECUTE ON FUNCTION df.call_activity(text, jsonb) TO %I%s', p_role,
+                   CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END);
+END $$;
+
 REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text),
-    df.http(text, text, text, jsonb, integer) FROM PUBLIC;
+    df.grant_activities(text, boolean), df.http(text, text, text, jsonb, integer) FROM PUBLIC;

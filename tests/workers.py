@@ -16,13 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 class WorkerProcess:
     """A worker process serving ``app`` (``module:attr``), logging to ``log_path``."""
 
-    def __init__(self, dsn: str, app: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, dsn: str, app: str, log_path: Path, *extra: str, env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = log_path
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         full_env.pop("PGDURABLE_DSN", None)
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgdurable_async", "worker", "--app", app, "--dsn", dsn, *extra],
+                [*prefix, sys.executable, "-m", "pgdurable_async", "worker", "--app", app, "--dsn", dsn, *extra],
                 cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
             )
         self.pid = self.proc.pid

@@ -30,6 +30,7 @@ class TransactionContext(ActivityContext):
     """
 
     conn: Any = field(default=None, repr=False)  # the asyncpg connection of the open transaction
+    schema: str = "pgdurable"  # the schema of the runtime's own tables
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@
     ├── SubOrchestrationError       a child orchestration failed
     ├── TimeoutError                a wait / wait_for_event / result timed out
     ├── NonDeterminismError         replay disagrees with the recorded history
+    ├── GraphError                  a graph is malformed or not allowed (dsl.GraphError)
     └── Cancelled                   the instance was cancelled (BaseException: not swallowed
         │                           by ``except Exception`` inside the orchestration)
         └── InstanceCancelled       what a client's wait raises: also an ``Exception``
@@ -161,6 +162,13 @@ class TimeoutError(PgDurableError, builtins.TimeoutError):  # noqa: A001 - contr
 
 class NonDeterminismError(PgDurableError):
     """Replaying the orchestration produced a command the history does not record."""
+
+
+class GraphError(PgDurableError):
+    """A graph is malformed: unknown node type, bad field, bad cron, unbound reference."""
+
+    def __init__(self, message: str = "", *, node_id: str | None = None) -> None:
+        super().__init__(message if node_id is None else f"{message} (node {node_id})", node_id=node_id)
 
 
 class Cancelled(BaseException):

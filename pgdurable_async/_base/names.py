@@ -7,6 +7,8 @@ from typing import Any
 from .errors import InvalidArgument, UnknownNameError
 
 MAX_ID_LENGTH = 200
+#: Names under this prefix belong to the built-ins (the graph interpreter and its activities).
+RESERVED_PREFIX = "pgdurable."
 #: The attribute ``@app.activity`` / ``@app.orchestration`` set on a function: its registered name.
 NAME_ATTR = "__pgdurable_name__"
 
@@ -39,3 +41,8 @@ def name_of(ref: Any, *, kind: str) -> str:
         kind=kind,
         name=str(getattr(ref, "__qualname__", ref)),
     )
+
+
+def is_reserved(name: str) -> bool:
+    """True for the built-ins' names: no app may register them, no client or graph may start them."""
+    return name.startswith(RESERVED_PREFIX)

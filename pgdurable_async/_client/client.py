@@ -21,7 +21,7 @@ from .._base.errors import (
     UnknownNameError,
 )
 from .._base.errors import TimeoutError as DurableTimeout
-from .._base.names import check_id, name_of
+from .._base.names import check_id, is_reserved, name_of
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from .._base.types import HistoryEvent, InstanceState, Status
 from .._store import Database, instance_store, turn_store
@@ -112,6 +112,8 @@ class Client:
     async def start(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> InstanceHandle:
         """Start an orchestration (function or registered name); raises on a taken id."""
         name = name_of(orchestration, kind="orchestration")
+        if is_reserved(name):
+            raise InvalidArgument(f"{name!r} is a built-in orchestration; start graphs with dsl.start or df.start")
         generated = instance_id is None
         instance_id = uuid.uuid4().hex if instance_id is None else check_id(instance_id)
         body = encode(input, what=f"input of {name!r}", limit=self.max_payload_bytes)
@@ -139,6 +141,24 @@ class Client:
                 kind="orchestration",
                 name=name,
             )
+
+    async def start_graph(
+        self, graph: dict[str, Any], *, label: str | None = None, vars: dict[str, str] | None = None,
+        instance_id: str | None = None, search_path: str | None = None,
+    ) -> InstanceHandle:
+        """Submit graph JSON as the client's own role (``df._submit``): its SQL runs as that role."""
+        if instance_id is not None:
+            check_id(instance_id)
+        body = encode(graph, what="graph", limit=self.max_payload_bytes)
+        db = await self._ready()
+        submitted = await db.run(
+            lambda conn: instance_store.submit_graph(
+                conn, graph_json=body, label=label, search_path=search_path,
+                vars_json=None if vars is None else encode(vars, what="graph variables"), instance_id=instance_id,
+            ),
+            transaction=False,
+        )
+        return InstanceHandle(self, submitted)
 
     def get_handle(self, instance_id: str) -> InstanceHandle:
         """A handle for an existing instance id."""

@@ -22,7 +22,7 @@ from .interpreter import GRAPH_ORCHESTRATION, HTTP_ACTIVITY, SQL_ACTIVITY, Inter
 
 GRAPH_ATTR = "__pgdurable_graph__"
 SQL_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, backoff=2.0, max_interval=5.0,
-                        non_retryable=("GraphError", "RoleChanged"))
+                        non_retryable=("GraphError", "NodeRefused"))
 
 
 async def graph_orchestration(ctx: OrchestrationContext, data: Any) -> Any:
@@ -33,9 +33,10 @@ async def graph_orchestration(ctx: OrchestrationContext, data: Any) -> Any:
 async def sql_node(ctx: TransactionContext, data: dict[str, Any]) -> dict[str, Any]:
     """Run one SQL node as the submitting role; commits with its completion record."""
     assert ctx.conn is not None
-    return await node_store.run_node_sql(
-        ctx.conn, query=data["query"], params=list(data.get("params") or []), role=data.get("role"),
-        search_path=data.get("search_path") or "public", node_id=str(data.get("node")),
+    return await node_store.run_node_sql(  # as the instance's recorded submitter, never a role named in `data`
+        ctx.conn, schema=ctx.schema, instance_id=ctx.instance_id, query=data["query"],
+        params=list(data.get("params") or []), search_path=data.get("search_path") or "public",
+        node_id=str(data.get("node")),
     )
 
 

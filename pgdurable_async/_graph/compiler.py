@@ -22,7 +22,8 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-from .._base.errors import PgDurableError
+from .._base.errors import GraphError
+from .._base.names import is_reserved
 from .tokens import references
 
 NODE_TYPES = frozenset({
@@ -38,13 +39,6 @@ _CHILD_FIELDS: dict[str, tuple[str, ...]] = {
     "loop": ("body", "cond"),
     "fan_out": ("step",),
 }
-
-
-class GraphError(PgDurableError):
-    """A graph is malformed: unknown node type, bad field, bad cron, unbound reference."""
-
-    def __init__(self, message: str = "", *, node_id: str | None = None) -> None:
-        super().__init__(message if node_id is None else f"{message} (node {node_id})", node_id=node_id)
 
 
 def children(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,13 +58,26 @@ def walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from walk(child)
 
 
-def compile_graph(graph: Any, *, bound: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A checked, id-stamped copy of ``graph`` (see the module docstring)."""
+def compile_graph(graph: Any, *, bound: frozenset[str] = frozenset(), submitted: bool = False) -> dict[str, Any]:
+    """A checked, id-stamped copy of ``graph`` (see the module docstring).
+
+    ``submitted``: the graph came from a role (``df.start``), not from the app's code:
+    calls of the built-ins (``pgdurable.*``) are refused (``df.start`` checked the grants
+    for HTTP and activity nodes when it accepted the graph).
+    """
     if not isinstance(graph, dict):
         raise GraphError(f"a graph node must be a JSON object, got {type(graph).__name__}")
     tree = _normalize(copy.deepcopy(graph), "n0")
     _check_bindings(tree, set(bound))
+    if submitted:
+        _check_submitted(tree)
     return tree
+
+
+def _check_submitted(tree: dict[str, Any]) -> None:
+    for node in walk(tree):
+        if node["type"] in ("call", "activity") and is_reserved(node["name"]):
+            raise GraphError(f"{node['name']} is a built-in and cannot be called", node_id=node["id"])
 
 
 # -- normalisation --------------------------------------------------------------------

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from .._base.errors import GraphError
 from .._base.errors import TimeoutError as DurableTimeout
 from .._engine import ContinueAsNew, OrchestrationContext
 from .._store.node_store import COLUMNS_KEY
-from .compiler import GraphError, compile_graph, walk
+from .compiler import compile_graph, walk
 from .references import ReferenceError_, columns_of, is_rows, public, rewrite, scalar, substitute_text
 from .tokens import references
 
@@ -161,6 +162,8 @@ class Interpreter:
             raise GraphError(str(exc), node_id=node["id"]) from None
         return await self.ctx.call_activity(
             SQL_ACTIVITY,
+            # "role" stays in the input for the histories recorded before it was ignored (replay compares
+            # inputs); the store runs the statement as the instance's recorded submitter.
             {"node": node["id"], "query": query, "params": params, "role": self.role,
              "search_path": self.search_path},
         )
@@ -320,7 +323,7 @@ async def run_graph_input(ctx: OrchestrationContext, data: Any, observer: Observ
     if not isinstance(data, dict) or "graph" not in data:
         raise GraphError("pgdurable.graph needs an input object with a 'graph'")
     bound = data.get("bound") or {}
-    tree = compile_graph(data["graph"], bound=frozenset(bound))
+    tree = compile_graph(data["graph"], bound=frozenset(bound), submitted=True)
     interp = Interpreter(ctx, bound=bound, variables=data.get("vars"), label=data.get("label"), role=data.get("role"),
                          search_path=data.get("search_path"), observer=observer)
     carry = {k: v for k, v in data.items() if k not in ("bound", "resume")}

@@ -13,7 +13,6 @@ import asyncio
 import builtins
 import logging
 import math
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -85,13 +84,11 @@ class ActivityWorker:
         return items
 
     async def next_due(self) -> float | None:
-        """Seconds until the earliest queued item becomes visible (None: queue empty)."""
-        due: datetime | None = await self.db.run(
+        """Seconds until the earliest queued item becomes visible (None: queue empty), by the database's clock."""
+        due: float | None = await self.db.run(
             lambda conn: work_store.next_work_due(conn, names=self.names), transaction=False
         )
-        if due is None:
-            return None
-        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+        return None if due is None else max(0.0, due)
 
     # -- running ----------------------------------------------------------------
     async def execute_batch(self, items: list[WorkItem]) -> None:
@@ -138,12 +135,13 @@ class ActivityWorker:
             if self._user_search_path is None:
                 self._user_search_path = await work_store.user_search_path(conn)
             await work_store.set_search_path(conn, self._user_search_path)  # the user's tables, not ours
-            ctx = TransactionContext(item.instance_id, item.activity_id, item.name, item.attempt, conn=conn)
+            ctx = TransactionContext(item.instance_id, item.activity_id, item.name, item.attempt, conn=conn,
+                                     schema=self.db.schema)
             result = await definition.fn(ctx, item.input)
             outcome = self._success(item, result)
             if outcome.kind != ev.ACTIVITY_COMPLETED:
                 raise _Unencodable(outcome)
-            await work_store.set_search_path(conn, self.db.schema)
+            await work_store.set_search_path(conn, self.db.search_path)
             await work_store.ack_work(conn, [outcome])
 
         try:

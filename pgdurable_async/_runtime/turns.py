@@ -14,11 +14,12 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from .._app import App
 from .._base import events as ev
 from .._base.errors import DatabaseError
+from .._base.names import is_reserved
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps
 from .._base.types import TERMINAL_STATUSES
 from .._engine import Event, Execution
@@ -166,7 +167,7 @@ class TurnProcessor:
         error = ev.error_info("TurnError", f"a turn could not be written: {exc}")
         seq = await turn_store.last_seq(conn, instance_id=instance_id, execution_id=row.execution_id) + 1
         w.history.append(HistoryWrite(instance_id, row.execution_id, seq, ev.ORCHESTRATION_FAILED,
-                                      dumps({"error": error}), datetime.now(UTC)))
+                                      dumps({"error": error}), row.db_now))
         w.updates.append(InstanceUpdate(instance_id, "failed", None, dumps(error), False, None, row.execution_id,
                                         seq, None))
         w.finished.append(instance_id)
@@ -189,7 +190,7 @@ class TurnProcessor:
         for msg in await turn_store.fetch_messages(conn, instance_ids=[r.instance_id for r in rows]):
             inbox[msg.instance_id].append(msg)
 
-        now = datetime.now(UTC)
+        now = rows[0].db_now  # the database's clock: history times, ctx.now() and timers agree with fire_timers
         w = _Writes()
         live: list[tuple[InstanceRow, list[Message]]] = []
         for row in rows:
@@ -341,10 +342,14 @@ class TurnProcessor:
                     kept.append(item)
             w.work = kept
         unknown_children = await self._unknown(conn, "orchestration", {c.name for c in w.children})
-        if unknown_children:
+        if unknown_children or any(is_reserved(c.name) for c in w.children):
             kept_children = []
             for child in w.children:
-                if child.name in unknown_children:
+                if is_reserved(child.name):  # a child graph would run SQL that nobody checked
+                    err = ev.error_info("InvalidArgument", f"{child.name!r} is a built-in orchestration; "
+                                        "it cannot be started as a child")
+                    w.messages.append(_child_refused(child, err))
+                elif child.name in unknown_children:
                     err = ev.error_info("UnknownNameError", f"no orchestration named {child.name!r} is registered")
                     w.messages.append(_child_refused(child, err))
                 else:

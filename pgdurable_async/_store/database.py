@@ -114,8 +114,13 @@ async def connect(dsn: str, schema: str, **kwargs: Any) -> Connection:
         return conn
 
 
+def search_path(schema: str) -> str:
+    """Our sessions' search_path: pg_temp goes last, so no temporary relation can stand in for ours."""
+    return f"{schema}, pg_temp"
+
+
 def _settings(schema: str) -> dict[str, str]:
-    return {"search_path": schema, "application_name": "pgdurable_async"}
+    return {"search_path": search_path(schema), "application_name": "pgdurable_async"}
 
 
 class Database:
@@ -129,6 +134,10 @@ class Database:
         self._pool: asyncpg.Pool[Any] | None = None
         self._opening = asyncio.Lock()  # concurrent first calls must not each create a pool
         self.retry_for = 30.0  # seconds a transient fault is retried before it surfaces
+
+    @property
+    def search_path(self) -> str:
+        return search_path(self.schema)
 
     def channel(self, kind: str) -> str:
         """The NOTIFY channel of ``kind`` (orch, work, timer, done) for this schema."""

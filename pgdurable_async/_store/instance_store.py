@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from .._base import events as ev
-from .._base.errors import InstanceAlreadyExists, InstanceNotFound, PgDurableError
+from .._base.errors import GraphError, InstanceAlreadyExists, InstanceNotFound, PgDurableError
 from .._base.serde import dumps
 from .._base.types import HistoryEvent, InstanceState, Status
 from .database import Connection
@@ -32,6 +32,21 @@ async def start(conn: Connection, *, instance_id: str, name: str, input_json: st
     except asyncpg.UniqueViolationError:
         if not fresh_id:
             raise InstanceAlreadyExists(instance_id) from None
+
+
+async def submit_graph(
+    conn: Connection, *, graph_json: str, label: str | None, search_path: str | None, vars_json: str | None,
+    instance_id: str | None,
+) -> str:
+    """Create a graph instance as the session's current role (the SQL ``df._submit``); returns its id."""
+    try:
+        submitted: str = await conn.fetchval(q("api_submit_graph"), graph_json, label, search_path, vars_json,
+                                             instance_id)
+    except asyncpg.UniqueViolationError:
+        raise InstanceAlreadyExists(instance_id or "") from None
+    except (asyncpg.RaiseError, asyncpg.InsufficientPrivilegeError) as exc:
+        raise GraphError(str(exc).removeprefix("df.start: ")) from None
+    return submitted
 
 
 async def send(conn: Connection, *, instance_id: str, kind: str, payload_json: str) -> None:

@@ -1,4 +1,9 @@
-"""Running a graph's SQL node: the statement as the submitting role, its rows as pg_durable's result shape."""
+"""Running a graph's SQL node: the statement as the submitting role, its rows as pg_durable's result shape.
+
+The trust boundary: the worker's role can do whatever its grants allow (it is trusted
+code); a tenant's statement runs with the tenant's privileges and no more, and leaves
+nothing behind in the worker's session (temporary objects, SQL prepared statements).
+"""
 
 from __future__ import annotations
 
@@ -12,36 +17,108 @@ import asyncpg
 
 from .._base.errors import PgDurableError
 from .database import Connection
+from .database import search_path as search_path_of
 from .sql_loader import q
 
 #: The private key of a rows result holding ``[[column, type], ...]`` (order and types jsonb would lose).
 COLUMNS_KEY = "_pgdurable_columns"
 
 
-class RoleChanged(PgDurableError):
-    """A node's statement changed the role it runs as; its transaction is rolled back."""
+GRAPH_ORCHESTRATION = "pgdurable.graph"
+
+
+class NodeRefused(PgDurableError):
+    """A SQL node cannot run as its submitter (the role is gone, or the worker may not act as it)."""
 
 
 async def run_node_sql(
-    conn: Connection, *, query: str, params: list[str | None], role: str | None, search_path: str, node_id: str
+    conn: Connection, *, schema: str, instance_id: str, query: str, params: list[str | None], search_path: str,
+    node_id: str,
 ) -> dict[str, Any]:
-    """Run one SQL node (already rewritten to bind parameters) as ``role`` with ``search_path``.
+    """Run one SQL node (already rewritten to bind parameters) and return its rows.
 
-    Runs inside the transaction that also acks the node's work item, so its effects
-    and its completion record commit together.
+    A graph submitted with ``df.start`` runs as the role recorded in its instance row
+    (``submitted_by``), inside a SECURITY DEFINER function owned by that role, so that
+    nothing in the statement can take another role; graphs an app registers
+    (``App.graph``) are the app's own code and run as the worker.  Either way this runs
+    in the transaction that acks the node's work item: its effects and its completion
+    commit together.
     """
-    saved_path = await conn.fetchval(q("current_search_path"))
-    if role:
-        await conn.execute(q("set_role"), role)
-    await conn.execute(q("set_search_path"), search_path)
-    stmt = await conn.prepare(query)
-    records = await stmt.fetch(*params)
-    result = rows_result(stmt.get_attributes(), records)
-    if role and await conn.fetchval(q("current_role")) != role:
-        raise RoleChanged(f"the statement of node {node_id} changed the role; it was rolled back")
-    await conn.execute(q("set_role"), "none")
-    await conn.execute(q("set_search_path"), saved_path)
-    return result
+    await conn.execute(q("set_search_path"), search_path_of(schema))
+    row = await conn.fetchrow(q("node_submitter"), instance_id)
+    if row is None:
+        raise NodeRefused(f"instance {instance_id!r} of node {node_id} does not exist")
+    if row["name"] != GRAPH_ORCHESTRATION:  # App.graph: trusted code, the worker's role
+        await conn.execute(q("set_search_path"), search_path)
+        stmt = await conn.prepare(query)
+        return rows_result(stmt.get_attributes(), await stmt.fetch(*params))
+    if row["rolname"] is None:
+        raise NodeRefused(f"the role that submitted instance {instance_id!r} no longer exists; its SQL cannot run")
+    try:
+        await conn.execute(q("enter_tenant"), row["rolname"], search_path)
+    except asyncpg.InsufficientPrivilegeError:
+        raise NodeRefused(
+            f"the worker's role may not act as {row['rolname']!r}, which submitted instance {instance_id!r}: "
+            f"GRANT {row['rolname']} TO <worker role>"
+        ) from None
+    stmt = await conn.prepare(query)  # names resolve as the tenant's; nothing runs yet
+    attributes = stmt.get_attributes()
+    executed = query
+    if any(_is_pseudo(a.type) for a in attributes):
+        executed = _without_pseudo_types(query, attributes)
+    records = await _as_tenant(conn, executed, params, [_returned_type(a.type) for a in attributes])
+    await conn.execute(q("leave_tenant"))
+    await conn.execute(q("discard_tenant_state"))
+    return rows_result(attributes, records)
+
+
+#: Types a column definition list cannot name (the function's rows are declared by type).
+_PSEUDO = frozenset({"void", "record", "unknown", "cstring"})
+
+
+def _is_pseudo(t: Any) -> bool:
+    return (getattr(t, "schema", None) or "pg_catalog") == "pg_catalog" and t.name in _PSEUDO
+
+
+def _returned_type(t: Any) -> str:
+    if not _is_pseudo(t):
+        return _type_name(t)
+    return '"pg_catalog"."text"' if t.name == "void" else '"pg_catalog"."jsonb"'
+
+
+def _without_pseudo_types(query: str, attributes: Any) -> str:
+    """``query`` as a subquery whose pseudo-typed columns (``SELECT pg_sleep(1)``) come out as NULL or JSON.
+
+    Only a query can be a subquery: a DML statement returning such a column fails to run.
+    """
+    names = ", ".join(f'"c{k}"' for k in range(1, len(attributes) + 1))
+    cells = []
+    for k, a in enumerate(attributes, start=1):
+        if not _is_pseudo(a.type):
+            cells.append(f's."c{k}"')
+        elif a.type.name == "void":
+            cells.append("NULL::pg_catalog.text")
+        else:
+            cells.append(f'pg_catalog.to_jsonb(s."c{k}")')
+    return f"SELECT {', '.join(cells)} FROM ({query}\n) AS s({names})"
+
+
+async def _as_tenant(conn: Connection, query: str, params: list[str | None], types: list[str]) -> list[Any]:
+    """The statement executed inside a temporary SECURITY DEFINER function the tenant owns."""
+    n = len(params)
+    shape = {
+        "args": "".join(f", a{k} pg_catalog.text" for k in range(1, n + 1)),
+        "using": (" USING " + ", ".join(f"a{k}" for k in range(1, n + 1))) if n else "",
+        "types": ", pg_catalog.text" * n,
+    }
+    call = {"params": "".join(f", ${k}::pg_catalog.text" for k in range(2, n + 2))}
+    if not types:
+        await conn.execute(q("node_wrapper_void").format(**shape))
+        await conn.execute(q("node_call_void").format(**call), query, *params)
+        return []
+    columns = ", ".join(f'"c{k}" {t}' for k, t in enumerate(types, start=1))
+    await conn.execute(q("node_wrapper_rows").format(**shape))
+    return list(await conn.fetch(q("node_call_rows").format(columns=columns, **call), query, *params))
 
 
 def rows_result(attributes: Any, records: list[Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class InstanceRow(NamedTuple):
     parent_instance_id: str | None
     parent_execution_id: int | None
     parent_task_id: int | None
+    db_now: datetime  # the transaction's now(): the time this turn records
 
 
 class Message(NamedTuple):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 from .database import Connection
 from .sql_loader import q
@@ -14,7 +13,7 @@ async def fire_timers(conn: Connection, *, orchestrations: Sequence[str], limit:
     return int(await conn.fetchval(q("fire_timers"), list(orchestrations), limit))
 
 
-async def next_timer(conn: Connection, *, orchestrations: Sequence[str]) -> datetime | None:
-    """The earliest ``fire_at`` among the timers of these orchestrations."""
-    earliest: datetime | None = await conn.fetchval(q("next_timer"), list(orchestrations))
-    return earliest
+async def next_timer(conn: Connection, *, orchestrations: Sequence[str]) -> float | None:
+    """Seconds until the earliest timer of these orchestrations is due, by the database's clock."""
+    seconds: float | None = await conn.fetchval(q("next_timer"), list(orchestrations))
+    return seconds

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from .._base.types import RetryPolicy
@@ -25,9 +24,10 @@ async def claim_work(
     ]
 
 
-async def next_work_due(conn: Connection, *, names: Sequence[str]) -> datetime | None:
-    """When the earliest queued item of ``names`` becomes visible (None: the queue is empty)."""
-    due: datetime | None = await conn.fetchval(q("next_work_due"), list(names))
+async def next_work_due(conn: Connection, *, names: Sequence[str]) -> float | None:
+    """Seconds until the earliest queued item of ``names`` becomes visible, by the database's clock
+    (None: the queue is empty; negative: already visible)."""
+    due: float | None = await conn.fetchval(q("next_work_due"), list(names))
     return due
 
 

@@ -78,9 +78,10 @@ async def test_roles_isolation_and_grants(dsn: str, roles: tuple[str, str, str])
             assert await bob.fetchval("SELECT df.await_instance($1)", theirs) == "failed"
             with pytest.raises(pgd.InstanceFailed, match="permission denied"):
                 await runtime.client.wait(theirs)
-            with pytest.raises(asyncpg.PostgresError, match="may not submit as role"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # a request names no one but its sender
                 await bob.execute(
-                    "SELECT df._submit($1, '{\"type\": \"sql\", \"query\": \"SELECT 1\"}', NULL, 'public', '{}')",
+                    "INSERT INTO df._requests (requested_by, kind, graph) "
+                    "VALUES (to_regrole($1)::oid, 'start', '{\"type\": \"sql\", \"query\": \"SELECT 1\"}')",
                     alice_name,
                 )
             with pytest.raises(asyncpg.InsufficientPrivilegeError):

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from pgdurable_async import dsl
-from pgdurable_async._graph.compiler import GraphError, compile_graph, walk
+from pgdurable_async._base.errors import GraphError
+from pgdurable_async._graph.compiler import compile_graph, walk
 from pgdurable_async._graph.interpreter import truthy
 from pgdurable_async._graph.mermaid import to_mermaid
 from pgdurable_async._graph.references import (

@@ -46,6 +46,7 @@ SAMPLES: list[tuple[BaseException, dict[str, Any]]] = [
     ),
     (pgd.TimeoutError("no approval", event="approval"), {"event": "approval"}),
     (pgd.NonDeterminismError("command #3 differs", instance_id="i-1"), {"instance_id": "i-1"}),
+    (_errors.GraphError("unknown node type", node_id="n0.1"), {"node_id": "n0.1"}),
     (pgd.Cancelled("cancelled by ops", instance_id="i-1", reason="shutdown"), {"instance_id": "i-1",
                                                                                 "reason": "shutdown"}),
     (_errors.InstanceCancelled("instance 'i-1' was cancelled", instance_id="i-1", reason="shutdown"),

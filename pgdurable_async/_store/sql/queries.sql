@@ -7,14 +7,19 @@
 -- The SECURITY DEFINER client API (schema/0003): raises unique_violation for a taken id.
 SELECT start($2, $3::text::jsonb, $1);
 
+-- name: api_submit_graph
+-- A graph instance submitted as the session's current role (schema 0009's df._submit).
+SELECT df._submit($1::text::jsonb, $2, coalesce($3, '"$user", public'), coalesce($4::text::jsonb, '{}'), $5);
+
 -- name: api_send
 -- An event or cancel for a live instance (a finished one ignores it); no_data_found if unknown.
 SELECT send($1, $2, $3::text::jsonb);
 
 -- name: claim_instances
 -- Lock up to $2 instances that have pending messages and that this runtime can run.
+-- now(): the database's clock is the one clock of history times, ctx.now() and timers.
 SELECT i.instance_id, i.name, i.status, i.execution_id, i.history_len,
-       i.parent_instance_id, i.parent_execution_id, i.parent_task_id
+       i.parent_instance_id, i.parent_execution_id, i.parent_task_id, now() AS db_now
 FROM instances i
 WHERE i.instance_id IN (
     SELECT DISTINCT q.instance_id FROM orchestrator_queue q
@@ -116,7 +121,8 @@ RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.ret
           w.attempt, w.lease_token;
 
 -- name: next_work_due
-SELECT min(visible_at) FROM work_queue WHERE name = ANY($1::text[]);
+-- Seconds until the earliest item becomes visible, by the database's clock.
+SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM work_queue WHERE name = ANY($1::text[]);
 
 -- name: extend_leases
 UPDATE work_queue SET visible_at = now() + make_interval(secs => $2)
@@ -190,7 +196,8 @@ WITH due AS (
 SELECT count(*) FROM sent;
 
 -- name: next_timer
-SELECT min(fire_at) FROM timers WHERE orchestration = ANY($1::text[]);
+-- Seconds until the earliest timer is due, by the database's clock (the one fire_timers uses).
+SELECT extract(epoch FROM min(fire_at) - now())::float8 FROM timers WHERE orchestration = ANY($1::text[]);
 
 -- name: register_names
 INSERT INTO registry (kind, name)
@@ -258,7 +265,7 @@ SELECT status FROM instances WHERE instance_id = $1;
 
 -- name: lock_instance
 SELECT instance_id, name, status, execution_id, history_len,
-       parent_instance_id, parent_execution_id, parent_task_id
+       parent_instance_id, parent_execution_id, parent_task_id, now() AS db_now
 FROM instances WHERE instance_id = $1 FOR UPDATE;
 
 -- name: terminate_instance
@@ -294,15 +301,56 @@ SELECT count(*) FROM gone;
 -- name: purge_history
 DELETE FROM history WHERE instance_id = $1;
 
--- name: current_search_path
-SELECT current_setting('search_path');
+-- name: node_submitter
+-- Who a graph node's SQL runs as: the role recorded when the instance was submitted.
+SELECT i.name, i.submitted_by, r.rolname
+FROM instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+WHERE i.instance_id = $1;
 
--- name: set_role
--- For the rest of the transaction ('none': back to the session's login role).
-SELECT set_config('role', $1, true);
+-- name: enter_tenant
+-- For the rest of the transaction: the tenant's role and search_path (qualified calls only
+-- from here on: the tenant's search_path may shadow unqualified names).
+SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true);
 
--- name: current_role
-SELECT current_user::text;
+-- name: leave_tenant
+-- Back to the worker's role, resolving names in the catalog only until the caller sets its own path.
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true), pg_catalog.set_config('role', 'none', true);
+
+-- name: node_wrapper_rows
+-- The tenant's statement runs inside a SECURITY DEFINER function owned by the tenant
+-- (created while the role is the tenant's): PostgreSQL refuses every role change inside
+-- one (SET ROLE, set_config('role'), SET SESSION AUTHORIZATION, in any nesting).  It is a
+-- temporary function, private to this session and transaction, executable by its owner only.
+-- {args}, {using}, {types}: one text parameter per bind parameter of the statement.
+CREATE FUNCTION pg_temp.pgdurable_node(q pg_catalog.text{args}) RETURNS SETOF record
+LANGUAGE plpgsql SECURITY DEFINER AS $node$ BEGIN RETURN QUERY EXECUTE q{using}; END $node$;
+REVOKE ALL ON FUNCTION pg_temp.pgdurable_node(pg_catalog.text{types}) FROM PUBLIC;
+
+-- name: node_wrapper_void
+-- As node_wrapper_rows, for a statement that returns no rows (DML without RETURNING, DDL, DO).
+CREATE FUNCTION pg_temp.pgdurable_node(q pg_catalog.text{args}) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER AS $node$ BEGIN EXECUTE q{using}; END $node$;
+REVOKE ALL ON FUNCTION pg_temp.pgdurable_node(pg_catalog.text{types}) FROM PUBLIC;
+
+-- name: node_call_rows
+-- {params}: ", $2::pg_catalog.text, ..."; {columns}: the statement's columns, by position.
+SELECT * FROM pg_temp.pgdurable_node($1::pg_catalog.text{params}) AS t({columns});
+
+-- name: node_call_void
+SELECT pg_temp.pgdurable_node($1::pg_catalog.text{params});
+
+-- name: discard_tenant_state
+-- What a tenant's statement may have left in the worker's session: temporary objects
+-- (relations could shadow ours) and SQL-level prepared statements (other tenants could read them).
+DISCARD TEMP;
+DO $$
+DECLARE
+    s record;
+BEGIN
+    FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP
+        EXECUTE format('DEALLOCATE %I', s.name);
+    END LOOP;
+END $$;
 
 -- name: migration_lock
 -- Migrations of one schema run one at a time (released at commit).
