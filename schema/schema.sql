@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0008, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0009, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -135,13 +135,18 @@ CREATE TABLE registry (
 );
 
 -- Live workers and the backend of their LISTEN session (dead sessions free their leases).
+-- A worker without a LISTEN session (wake="poll", behind a transaction pooler) has
+-- backend_pid NULL and is alive while its heartbeat keeps expires_at in the future.
 CREATE TABLE workers (
     worker_id     text PRIMARY KEY,
-    backend_pid   integer NOT NULL,
+    backend_pid   integer,
     backend_start timestamptz,
     started_at    timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at    timestamptz
 );
+COMMENT ON COLUMN workers.expires_at IS
+    'wake="poll" workers (backend_pid NULL): dead once this has passed without a heartbeat';
 
 -- Delivery keys of raise_event: an event is delivered at most once per key (see send()).
 -- Keys live as long as their instance: purge removes them with it.  No foreign key, so a
