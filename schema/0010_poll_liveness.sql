@@ -1,4 +1,4 @@
--- pgdurable_async, version 9: worker liveness without a LISTEN session.
+-- pgdurable_async, version 10: worker liveness without a LISTEN session.
 -- A worker with wake="poll" (behind a transaction-pooling pooler such as PgBouncer) has no
 -- session of its own: the backend that ran its last statement serves other clients next, so
 -- pg_stat_activity cannot tell whether the worker lives.  Such a worker registers with
