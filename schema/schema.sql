@@ -136,13 +136,18 @@ CREATE TABLE registry (
 );
 
 -- Live workers and the backend of their LISTEN session (dead sessions free their leases).
+-- A worker without a LISTEN session (wake="poll", behind a transaction pooler) has
+-- backend_pid NULL and is alive while its heartbeat keeps expires_at in the future.
 CREATE TABLE workers (
     worker_id     text PRIMARY KEY,
-    backend_pid   integer NOT NULL,
+    backend_pid   integer,
     backend_start timestamptz,
     started_at    timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at    timestamptz
 );
+COMMENT ON COLUMN workers.expires_at IS
+    'wake="poll" workers (backend_pid NULL): dead once this has passed without a heartbeat';
 
 -- Delivery keys of raise_event: an event is delivered at most once per key (see send()).
 -- Keys live as long as their instance: purge removes them with it.  No foreign key, so a

@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S", help="activity lease (default 30)")
     p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S", help="safety sweep period (default 30)")
+    p.add_argument(
+        "--wake",
+        choices=["auto", "listen", "poll"],
+        default="auto",
+        help="listen: LISTEN/NOTIFY; poll: poll every --poll-interval (behind a transaction pooler such as "
+        "PgBouncer); auto: test LISTEN at start, fall back to poll (default: %(default)s)",
+    )
+    p.add_argument(
+        "--poll-interval", type=positive, default=0.5, metavar="S", help="poll period with --wake poll (default 0.5)"
+    )
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
@@ -115,6 +125,13 @@ def count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
 
 

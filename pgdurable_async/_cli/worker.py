@@ -52,6 +52,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         max_concurrency=args.concurrency,
         lease_seconds=args.lease_seconds,
         sweep_interval=args.sweep_interval,
+        wake=args.wake,
+        poll_interval=args.poll_interval,
     )
     # Runtime.stop() must run in the task and cancel-scope level that started it,
     # so the second-signal watcher's task group encloses the runtime.
@@ -59,11 +61,12 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             async with runtime:
                 log.info(
-                    "worker %s ready: %d orchestrations, %d activities, concurrency %d",
+                    "worker %s ready: %d orchestrations, %d activities, concurrency %d, wake %s",
                     runtime.worker_id,
                     len(app.orchestrations),
                     len(app.activities),
                     args.concurrency,
+                    runtime.wake if runtime.wake == "listen" else f"poll every {runtime.poll_interval:g} s",
                 )
                 async for signum in signals:
                     name = signal.Signals(signum).name

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import math
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +27,7 @@ from .._base.names import check_id, is_reserved, name_of
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from .._base.types import HistoryEvent, InstanceState, Status
 from .._store import Database, instance_store, turn_store
-from .._store.listener import Listener
+from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import require_current
 
 _RECHECK_SECONDS = 30.0  # safety re-check while waiting, in case a NOTIFY was missed
@@ -65,6 +67,9 @@ class Client:
     """Starts and manages instances.  Connects lazily on the first call.
 
     ``Client(dsn)`` works alone; ``Runtime.client`` shares the runtime's pool.
+    ``wake``: how :meth:`wait` learns that an instance finished: "listen" (a NOTIFY),
+    "poll" (its status, every ``poll_interval`` seconds; behind a transaction pooler)
+    or "auto" (test LISTEN at the first wait, fall back to polling).
     """
 
     def __init__(
@@ -74,19 +79,29 @@ class Client:
         schema: str = "pgdurable",
         app: App | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        wake: str = "auto",
+        poll_interval: float = 0.5,
         _db: Database | None = None,
+        _on_sent: Callable[[], None] | None = None,
     ) -> None:
+        pooled = pooled_for(wake)
+        if not poll_interval > 0:
+            raise ConfigurationError(f"poll_interval must be > 0 seconds, not {poll_interval!r}")
         self._owns_db = _db is None  # a runtime's client shares the runtime's pool
         if _db is None:
             if not dsn:
                 raise ConfigurationError("Client needs a DSN (postgresql://user@host:port/dbname)")
-            _db = Database(dsn, schema=schema, min_size=1, max_size=5)
+            _db = Database(dsn, schema=schema, min_size=1, max_size=5, pooled=pooled)
         self.db = _db
         self.app = app
         self.max_payload_bytes = max_payload_bytes
+        self.wake = wake  # "auto" until the first wait() has decided
+        self.poll_interval = poll_interval
+        self._on_sent = _on_sent
         self._checked = False
         self._listener = Listener(self.db, {self.db.channel("done"): self._on_done})
         self._waiters: dict[str, set[anyio.Event]] = {}
+        self._deciding = anyio.Lock()  # concurrent first waits run one start-up test
 
     async def __aenter__(self) -> Client:
         return self
@@ -127,7 +142,12 @@ class Client:
                                               fresh_id=generated),
             transaction=False,
         )
+        self._sent()
         return InstanceHandle(self, instance_id)
+
+    def _sent(self) -> None:
+        if self._on_sent is not None:
+            self._on_sent()
 
     async def _check_registered(self, name: str) -> None:
         if self.app is not None and name in self.app.orchestrations:
@@ -228,6 +248,7 @@ class Client:
         db = await self._ready()
 
         await db.run(lambda conn: instance_store.send(conn, instance_id=instance_id, kind=kind, payload_json=body))
+        self._sent()
 
     async def terminate(self, instance_id: str, reason: str | None = None) -> None:
         """Stop the instance now, without running any more of its code."""
@@ -251,11 +272,12 @@ class Client:
         """Wait until the instance finishes and return its output.
 
         Raises :class:`InstanceFailed`, :class:`Cancelled` or :class:`pgd.TimeoutError`.
-        Woken by NOTIFY; no polling.
+        Woken by NOTIFY, no polling; with ``wake="poll"`` it reads the status every
+        ``poll_interval`` seconds instead.
         """
         check_id(instance_id)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
-        await self._ensure_listener()
+        polling = await self._ensure_listener()
         while True:
             event = anyio.Event()
             self._waiters.setdefault(instance_id, set()).add(event)
@@ -267,6 +289,9 @@ class Client:
                 if remaining <= 0:
                     raise DurableTimeout(f"instance {instance_id!r} did not finish within {timeout} s",
                                          instance_id=instance_id)
+                if polling:
+                    await anyio.sleep(min(remaining, self.poll_interval))
+                    continue
                 with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
                     await event.wait()
                 await self._ensure_listener()  # reconnects if the session was lost; then we re-check
@@ -277,9 +302,18 @@ class Client:
                     if not waiters:
                         del self._waiters[instance_id]
 
-    async def _ensure_listener(self) -> None:
+    async def _ensure_listener(self) -> bool:
+        """Make sure the LISTEN session is up; True instead when waits poll (wake="poll")."""
         await self._ready()
+        if self.wake == "auto":
+            async with self._deciding:
+                if self.wake == "auto":
+                    self.wake = await detect_wake(self._listener, poll_interval=self.poll_interval,
+                                                  level=logging.INFO)
+        if self.wake == "poll":
+            return True
         await self._listener.ensure()
+        return False
 
     def _on_done(self, instance_id: str) -> None:
         for event in self._waiters.get(instance_id, ()):

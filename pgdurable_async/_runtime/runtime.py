@@ -9,6 +9,11 @@ No loop polls in the steady state: each sleeps until a NOTIFY, a local event or
 the earliest known deadline (timer, retry backoff, lease expiry).  After every
 (re)connection of the LISTEN session, and every ``sweep_interval`` seconds, all
 loops run once anyway, so a missed notification costs latency, never work.
+
+``wake="poll"`` (behind a transaction-pooling pooler, where LISTEN cannot work) has
+no LISTEN session: a ticker wakes every loop each ``poll_interval`` seconds, and the
+worker's liveness is a heartbeat with an expiry instead of its session's backend.
+``wake="auto"`` (the default) tests at start whether LISTEN works and picks one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from .._base.errors import ConfigurationError, DatabaseError
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES
 from .._client import Client
 from .._store import Connection, Database, worker_store
-from .._store.listener import Listener
+from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import migrate_connection, require_current
 from .._store.records import WorkItem
 from .activities import ActivityWorker
@@ -63,14 +68,24 @@ class Runtime:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         migrate: bool = True,
         worker_id: str | None = None,
+        wake: str = "auto",
+        poll_interval: float = 0.5,
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
+        if not poll_interval > 0:
+            raise ConfigurationError(f"poll_interval must be > 0 seconds, not {poll_interval!r}")
+        pooled = pooled_for(wake)
         app.install_builtins()  # SQL-started graphs (df.start) run on any worker
         self.app = app
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.db = Database(dsn, schema=schema, min_size=2, max_size=min(max_concurrency, 32) + turn_concurrency + 4)
-        self.client = Client(app=app, max_payload_bytes=max_payload_bytes, _db=self.db)
+        self.db = Database(dsn, schema=schema, min_size=2, max_size=min(max_concurrency, 32) + turn_concurrency + 4,
+                           pooled=pooled)
+        #: "listen" or "poll" once started ("auto" until the start-up test has decided).
+        self.wake = wake
+        self.poll_interval = poll_interval
+        self.client = Client(app=app, max_payload_bytes=max_payload_bytes, wake=wake, poll_interval=poll_interval,
+                             _db=self.db, _on_sent=self._client_sent)
         self.turns = TurnProcessor(
             self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes
         )
@@ -120,13 +135,14 @@ class Runtime:
         try:
             await self._prepare_database()
         except BaseException:
+            await self._listener.close()
             await self.db.close()
             raise
         listener_ready = anyio.Event()
         self._owner = anyio.get_current_task().id
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._listen, listener_ready)
+        self._tg.start_soon(self._listen if self.wake == "listen" else self._poll, listener_ready)
         for _ in range(self.turn_concurrency):
             self._tg.start_soon(self._turn_loop)
         self._tg.start_soon(self._activity_loop)
@@ -138,6 +154,9 @@ class Runtime:
 
     async def _prepare_database(self) -> None:
         await self.db.open()
+        if self.wake == "auto":
+            self.wake = await detect_wake(self._listener, poll_interval=self.poll_interval)
+        self.client.wake = self.wake
         if self._migrate:
             await self.db.run(lambda conn: migrate_connection(conn, self.db.schema), transaction=False)
         else:
@@ -206,14 +225,43 @@ class Runtime:
         """How often the LISTEN session was lost and opened again."""
         return self._listener.reconnects
 
+    def _client_sent(self) -> None:
+        """Our own client started or signalled an instance: with no NOTIFY to wait for, look now."""
+        if self.wake == "poll":
+            self._orch.set()
+
     # -- LISTEN session -------------------------------------------------------------
     async def _listen(self, ready: anyio.Event) -> None:
         async def registered(conn: Connection) -> None:  # on the LISTEN session: its backend is our liveness
-            await worker_store.register_worker(conn, worker_id=self.worker_id)
+            await self.db.run_on(conn, lambda c: worker_store.register_worker(c, worker_id=self.worker_id),
+                                 transaction=False)
             await self._sweep()
 
         await self._listener.serve(on_connect=registered, interval=self.sweep_interval, on_interval=registered,
                                    ready=ready, stopping=lambda: self.stopping)
+
+    # -- no LISTEN session (wake="poll") -------------------------------------------------
+    @property
+    def heartbeat_interval(self) -> float:
+        """wake="poll": how often the worker renews its liveness (it is dead after 3 missed)."""
+        return max(0.2, min(self.lease_seconds / 6, self.sweep_interval))
+
+    async def _poll(self, ready: anyio.Event) -> None:
+        """Wake every loop each ``poll_interval``; heartbeat and sweep each ``heartbeat_interval``."""
+        next_beat = 0.0
+        while True:
+            if anyio.current_time() >= next_beat:
+                next_beat = anyio.current_time() + self.heartbeat_interval
+                await guarded("heartbeat", self._heartbeat)
+                ready.set()
+            self.wake_all()
+            await anyio.sleep(min(self.poll_interval, max(0.0, next_beat - anyio.current_time())))
+
+    async def _heartbeat(self) -> None:
+        ttl = 3 * self.heartbeat_interval
+        await self.db.run(lambda conn: worker_store.heartbeat_worker(conn, worker_id=self.worker_id, ttl=ttl),
+                          retry_for=self.heartbeat_interval)
+        await self._sweep()
 
     async def _sweep(self) -> None:
         """Catch up on anything a missed NOTIFY would have announced."""

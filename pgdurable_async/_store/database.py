@@ -3,6 +3,13 @@
 Driver errors become :class:`DatabaseError`; transient ones (connection loss,
 serialization failures, deadlocks, failover) are retried with tenacity here and
 nowhere else.
+
+Behind a transaction-pooling connection pooler (PgBouncer ``pool_mode=transaction``)
+consecutive transactions of one client connection run on different server sessions,
+so a :class:`Database` with ``pooled=True`` keeps no state in the session: no
+prepared-statement cache (``statement_cache_size=0``), no ``search_path`` startup
+parameter (PgBouncer refuses it), and instead ``search_path`` set with
+``set_config(..., true)`` at the start of every transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from .._base.errors import ConfigurationError, DatabaseError, PgDurableError
 from .._base.serde import decode, dumps
+from .sql_loader import q
 
 T = TypeVar("T")
 #: The driver connection: only the store calls methods on it; elsewhere it is passed through.
@@ -34,6 +42,7 @@ _TRANSIENT_SQLSTATES = {
     "08000", "08003", "08006", "08001", "08004",  # connection exceptions
     "25006",  # read_only_sql_transaction (failover to a standby)
 }
+_PROTOCOL_VIOLATION = "08P01"  # also what PgBouncer answers to a startup parameter it does not support
 
 
 def check_schema_name(schema: str) -> str:
@@ -63,11 +72,20 @@ def translate(exc: BaseException) -> DatabaseError:
     transient = is_transient(exc)
     if isinstance(exc, OSError) or (transient and not isinstance(exc, asyncpg.PostgresError)):
         text = f"cannot reach PostgreSQL: {exc}"
+    elif _refused_startup_parameter(exc):
+        text = (f"PostgreSQL error {_PROTOCOL_VIOLATION}: {exc} (a connection pooler such as PgBouncer?"
+                " use wake='auto' or wake='poll')")
     elif isinstance(exc, asyncpg.PostgresError):
         text = f"PostgreSQL error {getattr(exc, 'sqlstate', '?')}: {exc}"
     else:
         text = f"database error: {exc}"
     return DatabaseError(text, transient=transient, sqlstate=getattr(exc, "sqlstate", None))
+
+
+def _refused_startup_parameter(exc: BaseException) -> bool:
+    """PgBouncer's answer to ``search_path`` in the startup packet (it forwards only a few parameters)."""
+    return (isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == _PROTOCOL_VIOLATION
+            and "startup parameter" in str(exc))
 
 
 @contextlib.contextmanager
@@ -104,11 +122,12 @@ async def _setup_connection(conn: Connection) -> None:
         await conn.set_type_codec(typ, schema="pg_catalog", encoder=dumps, decoder=decode)
 
 
-async def connect(dsn: str, schema: str, **kwargs: Any) -> Connection:
-    """One dedicated connection (the LISTEN session, migrations)."""
+async def connect(dsn: str, schema: str, *, pooled: bool = False, **kwargs: Any) -> Connection:
+    """One dedicated connection (the LISTEN session); ``pooled``: see :class:`Database`."""
     with mapped_errors(), _dsn_errors(dsn):
         conn: Connection = await asyncpg.connect(
-            dsn, server_settings=_settings(schema), timeout=kwargs.pop("timeout", 10), **kwargs
+            dsn, server_settings=_settings(schema, pooled), timeout=kwargs.pop("timeout", 10),
+            **_driver_options(pooled), **kwargs
         )
         await _setup_connection(conn)
         return conn
@@ -119,16 +138,34 @@ def search_path(schema: str) -> str:
     return f"{schema}, pg_temp"
 
 
-def _settings(schema: str) -> dict[str, str]:
+def _settings(schema: str, pooled: bool) -> dict[str, str]:
+    if pooled:  # PgBouncer forwards application_name (and a few others), refuses search_path
+        return {"application_name": "pgdurable_async"}
     return {"search_path": search_path(schema), "application_name": "pgdurable_async"}
 
 
-class Database:
-    """A connection pool bound to one schema, with retrying transactions."""
+def _driver_options(pooled: bool) -> dict[str, Any]:
+    # Named prepared statements live in one server session: behind a transaction pooler the
+    # next transaction may run in another one.  With the cache off asyncpg uses unnamed ones.
+    return {"statement_cache_size": 0} if pooled else {}
 
-    def __init__(self, dsn: str, *, schema: str = "pgdurable", min_size: int = 1, max_size: int = 10) -> None:
+
+class Database:
+    """A connection pool bound to one schema, with retrying transactions.
+
+    ``pooled``: False for a direct connection (or a session pooler that forwards
+    ``search_path``); True behind a transaction pooler (see the module docstring);
+    None to find out at :meth:`open`: a refused ``search_path`` startup parameter
+    (PgBouncer) makes it True, anything else False.
+    """
+
+    def __init__(
+        self, dsn: str, *, schema: str = "pgdurable", min_size: int = 1, max_size: int = 10,
+        pooled: bool | None = False,
+    ) -> None:
         self.dsn = dsn
         self.schema = check_schema_name(schema)
+        self.pooled = pooled
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool[Any] | None = None
@@ -149,16 +186,36 @@ class Database:
         async with self._opening:
             if self._pool is not None:
                 return
-            with mapped_errors(), _dsn_errors(self.dsn):
-                self._pool = await asyncpg.create_pool(
-                    self.dsn,
-                    min_size=self._min_size,
-                    max_size=self._max_size,
-                    server_settings=_settings(self.schema),
-                    init=_setup_connection,
-                    reset=_keep_session,
-                    timeout=10,
-                )
+            if self.pooled is None:
+                try:
+                    self._pool = await self._create_pool(pooled=False)
+                    self.pooled = False
+                except DatabaseError as exc:
+                    if exc.__cause__ is None or not _refused_startup_parameter(exc.__cause__):
+                        raise
+                    self.pooled = True
+            if self._pool is None:
+                self._pool = await self._create_pool(pooled=bool(self.pooled))
+
+    async def _create_pool(self, *, pooled: bool) -> asyncpg.Pool[Any]:
+        with mapped_errors(), _dsn_errors(self.dsn):
+            pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                server_settings=_settings(self.schema, pooled),
+                init=_setup_connection,
+                reset=_keep_session,
+                timeout=10,
+                **_driver_options(pooled),
+            )
+            return pool
+
+    async def reopen(self, *, pooled: bool) -> None:
+        """Close the pool and open it again for a direct (``pooled=False``) or pooled connection."""
+        await self.close()
+        self.pooled = pooled
+        await self.open()
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -173,7 +230,8 @@ class Database:
         return self._pool
 
     async def connect(self) -> Connection:
-        return await connect(self.dsn, self.schema)
+        """A dedicated connection configured like the pool (open the pool first when ``pooled`` is None)."""
+        return await connect(self.dsn, self.schema, pooled=bool(self.pooled))
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
@@ -193,7 +251,9 @@ class Database:
         """Run ``work(conn)`` (in one transaction), retrying transient faults.
 
         ``reset_session`` resets the connection's session state afterwards: use it
-        when ``work`` runs user SQL that might change settings.
+        when ``work`` runs user SQL that might change settings.  (Not when ``pooled``:
+        the session that ran it is someone else's by then, and a reset would reach
+        another one.)
         """
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_transient),
@@ -204,13 +264,27 @@ class Database:
         async for attempt in retrying:
             with attempt:
                 async with self.acquire() as conn:
-                    with mapped_errors():
-                        try:
-                            if not transaction:
-                                return await work(conn)
-                            async with conn.transaction():
-                                return await work(conn)
-                        finally:
-                            if reset_session and not conn.is_closed():
+                    try:
+                        return await self.run_on(conn, work, transaction=transaction)
+                    finally:
+                        if reset_session and not self.pooled and not conn.is_closed():
+                            with mapped_errors():
                                 await conn.reset()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def run_on(self, conn: Connection, work: Callable[[Connection], Awaitable[T]], *,
+                     transaction: bool = True) -> T:
+        """Run ``work(conn)`` on a connection of this database (once, no retries).
+
+        When ``pooled``, it always runs in a transaction that first sets ``search_path``:
+        outside a transaction, each statement may reach a different server session.
+        """
+        with mapped_errors():
+            if self.pooled:
+                async with conn.transaction():
+                    await conn.execute(q("set_search_path"), self.search_path)
+                    return await work(conn)
+            if not transaction:
+                return await work(conn)
+            async with conn.transaction():
+                return await work(conn)

@@ -10,7 +10,7 @@ from importlib.abc import Traversable
 from pathlib import Path
 
 from .._base.errors import ConfigurationError, SchemaVersionError
-from .database import Connection, check_schema_name, connect, mapped_errors
+from .database import Connection, Database, check_schema_name
 from .sql_loader import q
 
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -46,14 +46,17 @@ def latest_version() -> int:
 
 
 async def migrate(dsn: str, schema: str = "pgdurable") -> list[int]:
-    """Bring ``schema`` up to date; returns the versions applied now (maybe none)."""
-    check_schema_name(schema)
-    conn = await connect(dsn, schema)
+    """Bring ``schema`` up to date; returns the versions applied now (maybe none).
+
+    It works through a transaction pooler too (PgBouncer, found by the startup parameter
+    it refuses): the migration is one transaction, which such a pooler keeps on one
+    server session.
+    """
+    db = Database(dsn, schema=check_schema_name(schema), min_size=1, max_size=1, pooled=None)
     try:
-        with mapped_errors():
-            return await migrate_connection(conn, schema)
+        return await db.run(lambda conn: migrate_connection(conn, schema), transaction=False, retry_for=0)
     finally:
-        await conn.close()
+        await db.close()
 
 
 async def migrate_connection(conn: Connection, schema: str) -> list[int]:

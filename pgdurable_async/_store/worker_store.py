@@ -19,10 +19,15 @@ async def register_worker(conn: Connection, *, worker_id: str) -> None:
     await conn.execute(q("register_worker"), worker_id)
 
 
+async def heartbeat_worker(conn: Connection, *, worker_id: str, ttl: float) -> None:
+    """Record (or refresh) a worker without a LISTEN session: alive for ``ttl`` more seconds."""
+    await conn.execute(q("heartbeat_worker"), worker_id, ttl)
+
+
 async def deregister_worker(conn: Connection, *, worker_id: str) -> None:
     await conn.execute(q("deregister_worker"), worker_id)
 
 
 async def release_dead_leases(conn: Connection) -> int:
-    """Expire the leases of workers whose session is gone; returns how many items were freed."""
+    """Expire the leases of workers whose session is gone or whose heartbeat expired; returns how many."""
     return len(await conn.fetch(q("release_dead_leases")))

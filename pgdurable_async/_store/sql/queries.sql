@@ -1,6 +1,7 @@
 -- Every query the runtime and client run, under `-- name: <key>` headers.
 -- Loaded once by sql_loader.py; each is run by one typed function of the store.
--- Tables are unqualified: connections set search_path to the configured schema.
+-- Tables are unqualified: connections set search_path to the configured schema (at connect,
+-- or behind a transaction pooler at the start of every transaction: database.py).
 -- JSON travels as text and is cast to jsonb here.
 
 -- name: api_start
@@ -178,6 +179,17 @@ SELECT coalesce(
 -- name: set_search_path
 SELECT set_config('search_path', $1, true);
 
+-- name: notify_probe
+-- wake="auto": the NOTIFY a LISTEN session under test must receive (listener.self_test); also
+-- the search_path this session got, which a pooler may have dropped from the startup packet.
+SELECT current_setting('search_path') FROM (SELECT pg_notify($1, '')) AS sent;
+
+-- name: session_is_direct
+-- wake="auto", when that NOTIFY is late: does the LISTEN session's reported pid ($1) name the
+-- backend that ran its LISTEN on the probe channel ($2)?  Then it is a session of its own and
+-- PostgreSQL is only slow (PgBouncer reports a random pid).
+SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%' || $2 || '%');
+
 -- name: fire_timers
 WITH due AS (
     DELETE FROM timers
@@ -212,7 +224,16 @@ INSERT INTO workers (worker_id, backend_pid, backend_start)
 SELECT $1, pg_backend_pid(), a.backend_start
 FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
 ON CONFLICT (worker_id) DO UPDATE
-SET backend_pid = excluded.backend_pid, backend_start = excluded.backend_start, heartbeat_at = now();
+SET backend_pid = excluded.backend_pid, backend_start = excluded.backend_start, heartbeat_at = now(),
+    expires_at = NULL;
+
+-- name: heartbeat_worker
+-- A worker without a LISTEN session (wake="poll") is alive while it keeps renewing expires_at;
+-- its pooled sessions say nothing about it.
+INSERT INTO workers (worker_id, backend_pid, backend_start, expires_at)
+VALUES ($1, NULL, NULL, now() + make_interval(secs => $2))
+ON CONFLICT (worker_id) DO UPDATE
+SET backend_pid = NULL, backend_start = NULL, heartbeat_at = now(), expires_at = excluded.expires_at;
 
 -- name: deregister_worker
 DELETE FROM workers WHERE worker_id = $1;
@@ -223,9 +244,12 @@ DELETE FROM workers WHERE worker_id = $1;
 -- meanwhile keeps its new row: READ COMMITTED re-checks the row, not the anti-join).
 -- Without pg_read_all_stats, another role's sessions show backend_start as NULL: a live
 -- pid is then trusted (were it reused, that lease would merely wait out its expiry).
+-- A worker without a session (backend_pid NULL, wake="poll") has died when its heartbeat
+-- expired; a heartbeat renewed meanwhile keeps the row (expires_at is re-checked).
 WITH seen_dead AS (
     SELECT w.worker_id, w.backend_pid, w.backend_start FROM workers w
-    WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+    WHERE w.backend_pid IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                       WHERE a.pid = w.backend_pid
                         AND (a.backend_start IS NULL OR a.backend_start = w.backend_start))
 ), dead AS (
@@ -233,10 +257,14 @@ WITH seen_dead AS (
     WHERE w.worker_id = d.worker_id AND w.backend_pid = d.backend_pid
       AND w.backend_start IS NOT DISTINCT FROM d.backend_start
     RETURNING w.worker_id
+), expired AS (
+    DELETE FROM workers w WHERE w.backend_pid IS NULL AND w.expires_at < now()
+    RETURNING w.worker_id
 )
 UPDATE work_queue SET visible_at = now()
 WHERE id IN (SELECT id FROM work_queue
-             WHERE lease_owner IN (SELECT worker_id FROM dead) AND lease_token IS NOT NULL
+             WHERE lease_owner IN (SELECT worker_id FROM dead UNION ALL SELECT worker_id FROM expired)
+               AND lease_token IS NOT NULL
              FOR UPDATE SKIP LOCKED)
 RETURNING id;
 
@@ -341,8 +369,11 @@ SELECT pg_temp.pgdurable_node($1::pg_catalog.text{params});
 
 -- name: discard_tenant_state
 -- What a tenant's statement may have left in the worker's session: temporary objects
--- (relations could shadow ours) and SQL-level prepared statements (other tenants could read them).
+-- (relations could shadow ours), SQL-level prepared statements (other tenants could read
+-- them), settings and LISTENs (behind a transaction pooler the session serves others next).
 DISCARD TEMP;
+RESET ALL;
+UNLISTEN *;
 DO $$
 DECLARE
     s record;
