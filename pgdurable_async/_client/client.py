@@ -85,7 +85,7 @@ class Client:
         self.app = app
         self.max_payload_bytes = max_payload_bytes
         self._checked = False
-        self._listener = Listener(self.db, {self.db.channel("done"): self._on_done})
+        self._listener = Listener(self.db, {self.db.channel("done"): self._on_done}, on_lost=self._wake_all)
         self._waiters: dict[str, set[anyio.Event]] = {}
 
     async def __aenter__(self) -> Client:
@@ -247,8 +247,9 @@ class Client:
                 if remaining <= 0:
                     raise DurableTimeout(f"instance {instance_id!r} did not finish within {timeout} s",
                                          instance_id=instance_id)
-                with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
-                    await event.wait()
+                if self._listener.connected:  # else its NOTIFY may be lost: reconnect and re-check now
+                    with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
+                        await event.wait()  # set by the NOTIFY, or when the session dies
                 await self._ensure_listener()  # reconnects if the session was lost; then we re-check
             finally:
                 waiters = self._waiters.get(instance_id)
@@ -264,6 +265,12 @@ class Client:
     def _on_done(self, instance_id: str) -> None:
         for event in self._waiters.get(instance_id, ()):
             event.set()
+
+    def _wake_all(self) -> None:
+        """The LISTEN session died: a NOTIFY may be missed, so every waiter re-checks."""
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
 
 
 def _outcome(state: InstanceState) -> Any:
