@@ -99,7 +99,7 @@ class Client:
         self.poll_interval = poll_interval
         self._on_sent = _on_sent
         self._checked = False
-        self._listener = Listener(self.db, {self.db.channel("done"): self._on_done})
+        self._listener = Listener(self.db, {self.db.channel("done"): self._on_done}, on_lost=self._wake_all)
         self._waiters: dict[str, set[anyio.Event]] = {}
         self._deciding = anyio.Lock()  # concurrent first waits run one start-up test
 
@@ -292,8 +292,9 @@ class Client:
                 if polling:
                     await anyio.sleep(min(remaining, self.poll_interval))
                     continue
-                with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
-                    await event.wait()
+                if self._listener.connected:  # else its NOTIFY may be lost: reconnect and re-check now
+                    with anyio.move_on_after(min(remaining, _RECHECK_SECONDS)):
+                        await event.wait()  # set by the NOTIFY, or when the session dies
                 await self._ensure_listener()  # reconnects if the session was lost; then we re-check
             finally:
                 waiters = self._waiters.get(instance_id)
@@ -318,6 +319,12 @@ class Client:
     def _on_done(self, instance_id: str) -> None:
         for event in self._waiters.get(instance_id, ()):
             event.set()
+
+    def _wake_all(self) -> None:
+        """The LISTEN session died: a NOTIFY may be missed, so every waiter re-checks."""
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
 
 
 def _outcome(state: InstanceState) -> Any:

@@ -341,8 +341,10 @@ class Runtime:
                 if retried:
                     self._work.set()  # the dispatcher re-reads the earliest visible_at
 
-            await guarded("activity ack", step)
-            await worker.acks_pending.wait(seen)
+            if await guarded("activity ack", step):
+                await worker.acks_pending.wait(seen)
+            # else the batch went back to the buffer: flush it again (after guarded's back-off),
+            # not only once another activity finishes, which may never happen
 
     async def _lease_loop(self) -> None:
         while True:

@@ -20,9 +20,11 @@ import os
 import pwd
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -172,9 +174,7 @@ class EmbeddedCluster:
             self.logfile.touch(mode=0o600)
             if os.geteuid() == 0:
                 _chown_to_system_user(tempdir)
-            initdb = [str(bindir / "initdb"), "-D", str(self.datadir)]
-            options = ["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]
-            self._run([*initdb, *options], "initdb")
+            self._create_datadir(bindir)
             settings = {
                 **_BASE_SETTINGS,
                 "port": str(self._port),
@@ -193,6 +193,45 @@ class EmbeddedCluster:
                 self.stop(mode="immediate")
             raise
         return self.dsn
+
+    def _create_datadir(self, bindir: Path) -> None:
+        """Fill the (empty) data directory; a subclass may copy another server's instead."""
+        initdb = [str(bindir / "initdb"), "-D", str(self.datadir)]
+        options = ["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        self._run([*initdb, *options], "initdb")
+
+    @property
+    def postmaster_pid(self) -> int:
+        """The running server's postmaster process id (from ``postmaster.pid``)."""
+        if not self._running:
+            raise RuntimeError("EmbeddedCluster is not running")
+        return int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every server process at once, as a crash of its host would.
+
+        Nothing is shut down cleanly (no checkpoint; open sessions see their connection
+        reset). The data directory stays until :meth:`stop`, which then only removes it.
+        """
+        if not self._running:
+            raise RuntimeError("EmbeddedCluster is not running")
+        postmaster = self.postmaster_pid
+        shmid = _shared_memory_id(self.datadir / "postmaster.pid")
+        pids = [postmaster]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(postmaster, signal.SIGSTOP)  # a stopped postmaster forks no new child
+            pids += _children(postmaster)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._running = False
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if shmid is not None:  # a crashed server leaves its SysV segment; its next start would remove it
+            ipcrm = shutil.which("ipcrm")
+            if ipcrm is not None:
+                subprocess.run([ipcrm, "-m", str(shmid)], capture_output=True, check=False, timeout=10)
 
     def restart(self, mode: str = "immediate") -> None:
         """``pg_ctl restart -m mode``: same port, same data directory."""
@@ -296,6 +335,39 @@ class EmbeddedCluster:
         if not text.strip():
             return ""
         return f"\nserver log ({self.logfile}):\n{_tail(text)}"
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux ``/proc``; elsewhere none are found)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, waiting for its parent to reap it, is not running)."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _shared_memory_id(pid_file: Path) -> int | None:
+    """The SysV shared memory id recorded in ``postmaster.pid`` (line 7: key and id)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(pid_file.read_text().splitlines()[6].split()[1])
+    return None
 
 
 def _chown_to_system_user(root: Path) -> None:

@@ -60,6 +60,13 @@ def is_transient(exc: BaseException) -> bool:
         return False  # a malformed DSN does not get better by waiting
     if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
         return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The driver's own state, not the statement, is at fault: none of the hosts of a
+        # multi-host DSN accepts writes yet (TargetServerAttributeNotMatched, mid-failover),
+        # or a session's protocol state was wrecked by a FATAL that a dying server sent to
+        # an idle pooled connection before its EOF arrived ("cannot switch to state ...";
+        # the driver then aborts that session). A fresh connection, in a moment, is the cure.
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         return getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES
     return isinstance(exc, TimeoutError) and not isinstance(exc, PgDurableError)
@@ -70,7 +77,9 @@ def translate(exc: BaseException) -> DatabaseError:
     if isinstance(exc, DatabaseError):
         return exc
     transient = is_transient(exc)
-    if isinstance(exc, OSError) or (transient and not isinstance(exc, asyncpg.PostgresError)):
+    if isinstance(exc, asyncpg.exceptions.TargetServerAttributeNotMatched):
+        text = f"no host accepts this connection yet: {exc}"
+    elif isinstance(exc, OSError) or (transient and not isinstance(exc, asyncpg.PostgresError)):
         text = f"cannot reach PostgreSQL: {exc}"
     elif _refused_startup_parameter(exc):
         text = (f"PostgreSQL error {_PROTOCOL_VIOLATION}: {exc} (a connection pooler such as PgBouncer?"
@@ -93,12 +102,22 @@ def mapped_errors() -> Any:
     """Turn driver exceptions raised inside the block into :class:`DatabaseError`."""
     try:
         yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, OSError) as exc:
         raise translate(exc) from exc
     except TimeoutError as exc:
         if isinstance(exc, PgDurableError):
             raise
         raise translate(exc) from exc
+
+
+def retrying(retry_for: float) -> AsyncRetrying:
+    """Retry transient faults, backing off from 50 ms to 2 s, for ``retry_for`` seconds."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.05, max=2.0),
+        stop=stop_after_delay(retry_for),
+        reraise=True,
+    )
 
 
 @contextlib.contextmanager
@@ -255,13 +274,7 @@ class Database:
         the session that ran it is someone else's by then, and a reset would reach
         another one.)
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
-            stop=stop_after_delay(self.retry_for if retry_for is None else retry_for),
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in retrying(self.retry_for if retry_for is None else retry_for):
             with attempt:
                 async with self.acquire() as conn:
                     try:

@@ -8,8 +8,9 @@ latency, never work.  Two ways to use it:
   then every ``interval`` seconds ``on_interval`` (a keep-alive); reconnect with
   back-off on any failure.  The runtime uses this.
 - :meth:`Listener.ensure` connects lazily, without a background task, and says
-  whether it (re)connected, so the caller re-checks what it waits for.  The client
-  and the benchmark use this.
+  whether it (re)connected, so the caller re-checks what it waits for; ``on_lost``
+  tells such a caller at once that the session died (the client wakes its waiters,
+  which reconnect and re-check).  The client and the benchmark use this.
 
 Behind a transaction-pooling pooler a LISTEN lands on whichever server session ran
 it, and that session serves other clients next: notifications never reach us.
@@ -31,7 +32,7 @@ from typing import Any
 import anyio
 
 from .._base.errors import ConfigurationError, DatabaseError
-from .database import Connection, Database, is_transient
+from .database import Connection, Database, is_transient, retrying
 from .sql_loader import q
 
 log = logging.getLogger("pgdurable_async.listener")
@@ -75,9 +76,11 @@ async def detect_wake(listener: Listener, *, poll_interval: float, level: int = 
 class Listener:
     """A LISTEN session on ``channels`` (channel name → handler of the payload)."""
 
-    def __init__(self, db: Database, channels: Mapping[str, Handler]) -> None:
+    def __init__(self, db: Database, channels: Mapping[str, Handler], *,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.db = db
         self.channels = dict(channels)
+        self.on_lost = on_lost  # called when an open session dies (not when we close it)
         self.reconnects = 0
         self._conn: Connection | None = None
         self._lost: anyio.Event | None = None  # set when the session's connection dies
@@ -92,8 +95,14 @@ class Listener:
         """Subscribe ``conn`` (a new connection by default) and make it the session."""
         conn = await self.db.connect() if conn is None else conn
         lost = anyio.Event()
+
+        def on_terminated(*_: object) -> None:
+            lost.set()
+            if self._conn is conn and self.on_lost is not None:  # close() forgets the session first
+                self.on_lost()
+
         try:
-            conn.add_termination_listener(lambda *_: lost.set())
+            conn.add_termination_listener(on_terminated)
             for channel, handler in self.channels.items():
                 await conn.add_listener(channel, _deliver(handler))
         except BaseException:
@@ -140,12 +149,18 @@ class Listener:
             return arrived.is_set(), seen_path == self.db.search_path
 
     async def ensure(self) -> bool:
-        """Connect and subscribe unless connected; True when a new session was opened now."""
+        """Connect and subscribe unless connected; True when a new session was opened now.
+
+        Transient faults (the server restarting, a failover under way) are retried as
+        :meth:`Database.run` retries them.
+        """
         async with self._connecting:
             if self.connected:
                 return False
             await self.close()
-            await self._connect()
+            async for attempt in retrying(self.db.retry_for):
+                with attempt:
+                    await self._connect()
             return True
 
     async def serve(

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from pgdurable_async._base.errors import ConfigurationError
+from pgdurable_async._store import cluster as cluster_module
 from pgdurable_async._store.cluster import EmbeddedCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,6 +69,25 @@ async def test_data_survives_fast_restart() -> None:
             assert await conn.fetchval("SELECT v FROM t") == 42
         finally:
             await conn.close()
+
+
+def test_kill_is_a_crash_and_stop_cleans_up() -> None:
+    cluster = EmbeddedCluster()
+    cluster.start()
+    try:
+        tempdir = cluster.datadir.parent
+        postmaster = cluster.postmaster_pid
+        server_processes = [postmaster, *cluster_module._children(postmaster)]
+        assert len(server_processes) > 3  # checkpointer, walwriter, ...
+        cluster.kill()
+        with socket.socket() as sock, pytest.raises(OSError):
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", cluster.port))
+        assert not any(cluster_module._alive(pid) for pid in server_processes)
+        assert (cluster.datadir / "postmaster.pid").exists()  # left as a crash leaves it
+    finally:
+        cluster.stop()
+    assert not tempdir.exists()
 
 
 def test_sync_context_manager_with_settings() -> None:
