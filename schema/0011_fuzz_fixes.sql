@@ -1,4 +1,4 @@
--- pgdurable_async, version 9: what df.start accepts, the worker runs (found by fuzzing,
+-- pgdurable_async, version 11: what df.start accepts, the worker runs (found by fuzzing,
 -- tests/integration/test_fuzz_sql.py).  df.start accepted graphs that then failed at their
 -- first turn, or that no worker could even read, leaving the instance pending for ever:
 --   * graphs nested deeper than the worker goes: at most 256 nodes (as in pg_durable) and
