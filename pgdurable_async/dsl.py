@@ -86,13 +86,24 @@ def _node(value: Node | str) -> Node:
 
 
 def _json(value: Any) -> Any:
-    if isinstance(value, Node):
-        return _json(value.data)
-    if isinstance(value, dict):
-        return {k: _json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json(v) for v in value]
-    return value
+    """The graph JSON of a node tree, built without recursion: ``a >> b >> ...`` nests one
+    seq per operator, so a long pipeline is a deep tree (the compiler flattens it)."""
+    top: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, top, 0)]
+    while stack:
+        item, target, key = stack.pop()
+        while isinstance(item, Node):
+            item = item.data
+        if isinstance(item, dict):
+            out: Any = dict.fromkeys(item)
+            stack.extend((v, out, k) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            out = [None] * len(item)
+            stack.extend((v, out, i) for i, v in enumerate(item))
+        else:
+            out = item
+        target[key] = out
+    return top[0]
 
 
 # -- node functions (pg_durable's df.*) -------------------------------------------------------

@@ -39,8 +39,7 @@ BEGIN
 END $$;
 
 -- A graph as the worker reads it: a JSON string in a node position is a SQL node (as in
--- pgdurable_async/_graph/compiler.py), and every node has the fields its type needs, so a
--- graph the worker would refuse is refused at df.start already.
+-- pgdurable_async/_graph/compiler.py); df._check then checks every node's fields.
 CREATE OR REPLACE FUNCTION df._normalize(n jsonb) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     f text;
@@ -67,60 +66,6 @@ BEGIN
     END LOOP;
     RETURN n;
 END $$;
-
-CREATE OR REPLACE FUNCTION df._check_fields(graph jsonb) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    g record;
-    n jsonb;
-    t text;
-    problem text;
-BEGIN
-    FOR g IN SELECT * FROM df._graph_nodes(graph) LOOP
-        n := g.node;
-        t := n->>'type';
-        problem := CASE
-            WHEN t = 'sql' AND (jsonb_typeof(n->'query') IS DISTINCT FROM 'string' OR n->>'query' = '')
-                THEN 'sql.query must be a non-empty string'
-            WHEN t = 'bind' AND coalesce(n->>'name', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$'
-                THEN 'bind name must be an identifier'
-            WHEN t = 'bind' AND jsonb_typeof(n->'node') IS DISTINCT FROM 'object' THEN 'bind needs a node'
-            WHEN t = 'if' AND (jsonb_typeof(n->'cond') IS DISTINCT FROM 'object'
-                               OR jsonb_typeof(n->'then') IS DISTINCT FROM 'object') THEN 'if needs cond and then'
-            WHEN t = 'if_rows' AND (jsonb_typeof(n->'then') IS DISTINCT FROM 'object'
-                                    OR (jsonb_typeof(n->'cond') IS DISTINCT FROM 'object'
-                                        AND jsonb_typeof(n->'name') IS DISTINCT FROM 'string'))
-                THEN 'if_rows needs a result name (or a cond node) and then'
-            WHEN t = 'loop' AND jsonb_typeof(n->'body') IS DISTINCT FROM 'object' THEN 'loop needs a body'
-            WHEN t = 'sleep' AND (jsonb_typeof(n->'seconds') IS DISTINCT FROM 'number' OR (n->>'seconds')::numeric < 0)
-                THEN 'sleep.seconds must be a number >= 0'
-            WHEN t IN ('wait_for_signal', 'call', 'activity')
-                 AND (jsonb_typeof(n->'name') IS DISTINCT FROM 'string' OR n->>'name' = '')
-                THEN t || '.name must be a non-empty string'
-            WHEN t IN ('wait_for_signal', 'http') AND n->'timeout' IS NOT NULL AND jsonb_typeof(n->'timeout') <> 'null'
-                 AND (jsonb_typeof(n->'timeout') <> 'number' OR (n->>'timeout')::numeric < 0)
-                THEN t || '.timeout must be a number >= 0'
-            WHEN t = 'http' AND (jsonb_typeof(n->'url') IS DISTINCT FROM 'string' OR n->>'url' = '')
-                THEN 'http.url must be a non-empty string'
-            WHEN t = 'http' AND upper(coalesce(n->>'method', 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD')
-                THEN 'unsupported HTTP method ' || quote_literal(n->>'method')
-            WHEN t = 'http' AND n->'headers' IS NOT NULL AND jsonb_typeof(n->'headers') NOT IN ('object', 'null')
-                THEN 'http.headers must be a JSON object'
-            WHEN t = 'fan_out' AND (jsonb_typeof(n->'over') IS DISTINCT FROM 'string'
-                                    OR jsonb_typeof(n->'step') IS DISTINCT FROM 'object')
-                THEN 'fan_out needs over and a step'
-            WHEN t = 'fan_out' AND n->'limit' IS NOT NULL AND jsonb_typeof(n->'limit') <> 'null'
-                 AND (jsonb_typeof(n->'limit') <> 'number' OR (n->>'limit')::numeric < 1)
-                THEN 'fan_out.limit must be at least 1'
-            WHEN t IN ('seq', 'join', 'race') AND jsonb_array_length(
-                     CASE WHEN t = 'seq' THEN n->'steps' ELSE n->'branches' END) = 0
-                THEN 'a ' || t || ' needs at least one ' || CASE WHEN t = 'seq' THEN 'step' ELSE 'branch' END
-        END;
-        IF problem IS NOT NULL THEN
-            RAISE EXCEPTION 'df.start: % (node %)', problem, g.node_id;
-        END IF;
-    END LOOP;
-END $$;
-
 -- A Python activity as a graph node, from SQL: `df.call_activity('outbox.publish', '{"id": 1}')`.
 -- It runs app code with the worker's rights, so, like df.http, it needs its own grant
 -- (df.grant_activities(role)); graphs that hold an activity node
@@ -194,7 +139,6 @@ BEGIN
         END IF;
         NEW.graph := df._normalize(NEW.graph);
         PERFORM df._check(NEW.graph, ARRAY[]::text[]);
-        PERFORM df._check_fields(NEW.graph);
         PERFORM df._check_policy(NEW.graph, NEW.requested_by);
         doc := jsonb_build_object('graph', NEW.graph, 'vars', coalesce(NEW.vars, '{}'),
                                   'search_path', NEW.search_path, 'label', NEW.label);
@@ -528,8 +472,8 @@ BEGIN
                AND a.grantee <> n.nspowner
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION df._submit(jsonb, text, text, jsonb, text), '
-                       'df._request(text, text, jsonb), df._check_policy(jsonb, oid), df._normalize(jsonb), '
-                       'df._check_fields(jsonb) TO %s%s',
+                       'df._request(text, text, jsonb), df._check_policy(jsonb, oid), df._normalize(jsonb) '
+                       'TO %s%s',
                        r.grantee, CASE WHEN r.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
         EXECUTE format('GRANT INSERT (kind, instance_id, graph, label, search_path, vars, payload), '
                        'SELECT (instance_id) ON df._requests TO %s%s',

@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0009, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0011, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -412,6 +412,7 @@ BEGIN
     IF jsonb_typeof(n) <> 'object' OR NOT n ? 'type' THEN
         RAISE EXCEPTION 'df: % is not a graph node', left(t, 80);
     END IF;
+    PERFORM df._check_json(n);
     RETURN n;
 END $$;
 
@@ -551,40 +552,96 @@ END $$;
 
 CREATE OR REPLACE FUNCTION df.sleep(seconds double precision) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 BEGIN
-    IF seconds IS NULL OR seconds < 0 THEN
-        RAISE EXCEPTION 'df.sleep: seconds must be >= 0';
+    IF seconds IS NULL OR NOT (seconds >= 0 AND seconds <= 3162240000) THEN  -- NaN is above every number
+        RAISE EXCEPTION 'df.sleep: seconds must be from 0 to 3162240000 (100 years), not %', seconds;
     END IF;
     RETURN jsonb_build_object('type', 'sleep', 'seconds', seconds)::text;
 END $$;
 
--- 5-field cron check (the worker re-checks with cronsim).
+-- 5-field cron check.  The worker re-checks with cronsim; this accepts no expression cronsim
+-- refuses: numbers in range, names only for months (JAN-DEC) and weekdays (SUN-SAT), no
+-- backward range, no step 0, and a day of the month that the months allow (cronsim's rule:
+-- when day-of-month and day-of-week must both match, a day above 29 must exist in one of
+-- the months).
 CREATE OR REPLACE FUNCTION df._check_cron(expr text) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     fields text[] := regexp_split_to_array(btrim(coalesce(expr, '')), '\s+');
     lo int[] := ARRAY[0, 0, 1, 1, 0];
     hi int[] := ARRAY[59, 23, 31, 12, 7];
-    f text;
+    month_days int[] := ARRAY[31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
     part text;
-    num text;
+    m text[];
+    a int;
+    b int;
+    step int;
     i int;
+    first_day int := 32;
+    most_days int := 0;
 BEGIN
     IF cardinality(fields) <> 5 THEN
         RAISE EXCEPTION 'bad cron expression %: expected 5 fields (min hour dom month dow)', quote_literal(expr);
     END IF;
     FOR i IN 1..5 LOOP
-        f := fields[i];
-        FOREACH part IN ARRAY string_to_array(f, ',') LOOP
-            IF part !~ '^(\*|[0-9]+(-[0-9]+)?|[A-Za-z]{3}(-[A-Za-z]{3})?)(/[0-9]+)?$' THEN
-                RAISE EXCEPTION 'bad cron expression %: field % (%) is malformed', quote_literal(expr), i, f;
+        FOREACH part IN ARRAY string_to_array(fields[i], ',') LOOP
+            m := regexp_match(upper(part), '^(?:(\*)|([0-9]+|[A-Z]{3})(?:-([0-9]+|[A-Z]{3}))?)(?:/([0-9]+))?$');
+            IF m IS NULL THEN
+                RAISE EXCEPTION 'bad cron expression %: field % (%) is malformed', quote_literal(expr), i, fields[i];
             END IF;
-            FOR num IN SELECT (regexp_matches(split_part(part, '/', 1), '[0-9]+', 'g'))[1] LOOP
-                IF num::int < lo[i] OR num::int > hi[i] THEN
-                    RAISE EXCEPTION 'bad cron expression %: % is out of range for field % (%-%)',
-                        quote_literal(expr), num, i, lo[i], hi[i];
+            step := CASE WHEN m[4] IS NULL THEN 1 WHEN length(ltrim(m[4], '0')) > 4 THEN 10000
+                         ELSE coalesce(nullif(ltrim(m[4], '0'), '')::int, 0) END;
+            IF step = 0 THEN
+                RAISE EXCEPTION 'bad cron expression %: a step of 0 in field % (%)', quote_literal(expr), i, fields[i];
+            END IF;
+            IF m[1] IS NOT NULL THEN
+                a := lo[i];
+                b := hi[i];
+            ELSE
+                a := df._cron_value(m[2], i, expr);
+                b := CASE WHEN m[3] IS NOT NULL THEN df._cron_value(m[3], i, expr)
+                          WHEN m[4] IS NOT NULL THEN hi[i] ELSE a END;
+                IF b < a THEN
+                    RAISE EXCEPTION 'bad cron expression %: the range % in field % runs backwards',
+                        quote_literal(expr), part, i;
                 END IF;
-            END LOOP;
+            END IF;
+            IF i = 3 THEN
+                first_day := least(first_day, a);
+            ELSIF i = 4 THEN
+                SELECT greatest(most_days, max(month_days[k])) INTO most_days FROM generate_series(a, b, step) k;
+            END IF;
         END LOOP;
     END LOOP;
+    IF first_day > 29 AND (left(fields[3], 1) = '*' OR left(fields[5], 1) = '*') AND first_day > most_days THEN
+        RAISE EXCEPTION 'bad cron expression %: no month it names has a day %', quote_literal(expr), first_day;
+    END IF;
+END $$;
+
+-- One number or name of a cron field (1-based field index i).
+CREATE OR REPLACE FUNCTION df._cron_value(v text, i int, expr text) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    lo int[] := ARRAY[0, 0, 1, 1, 0];
+    hi int[] := ARRAY[59, 23, 31, 12, 7];
+    k int;
+BEGIN
+    IF v ~ '^[0-9]+$' THEN
+        IF length(v) <= 9 AND v::int BETWEEN lo[i] AND hi[i] THEN
+            RETURN v::int;
+        END IF;
+        RAISE EXCEPTION 'bad cron expression %: % is out of range for field % (%-%)',
+            quote_literal(expr), v, i, lo[i], hi[i];
+    END IF;
+    IF i = 4 THEN
+        k := array_position(ARRAY['JAN', 'FEB', 'MAR', 'APR', 'MAY', 'JUN', 'JUL', 'AUG', 'SEP', 'OCT', 'NOV', 'DEC'], v);
+        IF k IS NOT NULL THEN
+            RETURN k;
+        END IF;
+    ELSIF i = 5 THEN
+        k := array_position(ARRAY['SUN', 'MON', 'TUE', 'WED', 'THU', 'FRI', 'SAT'], v);
+        IF k IS NOT NULL THEN
+            RETURN k - 1;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'bad cron expression %: % is not a value of field %', quote_literal(expr), v, i;
 END $$;
 
 CREATE OR REPLACE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text LANGUAGE plpgsql IMMUTABLE STRICT AS $$
@@ -600,8 +657,9 @@ BEGIN
     IF name IS NULL OR name = '' THEN
         RAISE EXCEPTION 'df.wait_for_signal: name must not be empty';
     END IF;
-    IF timeout_seconds IS NOT NULL AND timeout_seconds < 0 THEN
-        RAISE EXCEPTION 'df.wait_for_signal: timeout_seconds must be >= 0';
+    IF timeout_seconds IS NOT NULL AND NOT (timeout_seconds >= 0 AND timeout_seconds <= 3162240000) THEN
+        RAISE EXCEPTION 'df.wait_for_signal: timeout_seconds must be from 0 to 3162240000 (100 years), not %',
+            timeout_seconds;
     END IF;
     RETURN jsonb_build_object('type', 'wait_for_signal', 'name', name, 'timeout', timeout_seconds)::text;
 END $$;
@@ -775,89 +833,202 @@ CREATE OR REPLACE FUNCTION df._intersect(a text[], b text[]) RETURNS text[] LANG
     SELECT CASE WHEN a IS NULL THEN b ELSE ARRAY(SELECT unnest(a) INTERSECT SELECT unnest(b)) END;
 $$;
 
--- Check a graph; returns the names bound after it on every path.
-CREATE OR REPLACE FUNCTION df._check(n jsonb, bound text[]) RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
+-- A graph the worker can read back: nested at most 600 JSON levels (a 256-node-deep graph
+-- of joins takes 512), no number beyond a double.  Python's compiler has the same limits
+-- (MAX_JSON_DEPTH, MAX_DEPTH); its JSON decoder refuses deeper nesting and larger numbers,
+-- and an instance it cannot read would fail at its first turn instead of at df.start.
+CREATE OR REPLACE FUNCTION df._check_json(graph jsonb) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF jsonb_path_exists(graph, 'strict $.**{600} ? (@.type() == "object" || @.type() == "array")') THEN
+        RAISE EXCEPTION 'df: the graph nests more than 600 JSON levels deep (and at most 256 nodes)';
+    END IF;
+    IF jsonb_path_exists(graph, 'strict $.** ? (@.type() == "number" && (@ > 1.7976931348623157e308 || @ < -1.7976931348623157e308))') THEN
+        RAISE EXCEPTION 'df: the graph holds a number beyond the range of double precision';
+    END IF;
+END $$;
+
+-- The field checks of Python's compiler (pgdurable_async/_graph/compiler.py), so that a graph
+-- df.start accepts is one the worker runs.  `f` absent or JSON null counts as missing.
+CREATE OR REPLACE FUNCTION df._missing(v jsonb) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT v IS NULL OR jsonb_typeof(v) = 'null';
+$$;
+
+CREATE OR REPLACE FUNCTION df._check_text(n jsonb, f text, optional boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF optional AND df._missing(n->f) THEN
+        RETURN;
+    END IF;
+    IF jsonb_typeof(n->f) IS DISTINCT FROM 'string' OR n->>f = '' THEN
+        RAISE EXCEPTION 'df.start: %.% must be a non-empty string', n->>'type', f;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._check_number(n jsonb, f text, optional boolean, minimum numeric, maximum numeric)
+RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF optional AND df._missing(n->f) THEN
+        RETURN;
+    END IF;
+    IF jsonb_typeof(n->f) IS DISTINCT FROM 'number' OR (n->>f)::numeric < minimum
+       OR (n->>f)::numeric > coalesce(maximum, (n->>f)::numeric) THEN
+        RAISE EXCEPTION 'df.start: %.% must be a number from % to %', n->>'type', f, minimum,
+            coalesce(maximum::text, 'any');
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._check_child(n jsonb, f text) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF df._missing(n->f) THEN
+        RAISE EXCEPTION 'df.start: % needs %', n->>'type', f;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION df._check_list(n jsonb, f text) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF jsonb_typeof(n->f) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'df.start: %.% must be a list', n->>'type', f;
+    END IF;
+    IF jsonb_array_length(n->f) = 0 THEN
+        RAISE EXCEPTION 'df.start: a % needs at least one of its %', n->>'type', f;
+    END IF;
+END $$;
+
+-- Check node `n` at `depth` (the root is 1); returns the names bound after it on every path.
+-- Graphs are at most 256 nodes deep, as in pg_durable (and as the recursion here and in the
+-- worker can go).
+CREATE OR REPLACE FUNCTION df._check(n jsonb, bound text[], depth integer) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     t text := n->>'type';
     child jsonb;
     acc text[];
-    r record;
     refs text[];
     safe boolean[];
 BEGIN
     IF jsonb_typeof(n) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'df.start: malformed graph node %', left(coalesce(n::text, 'NULL'), 80);
     END IF;
+    IF depth > 256 THEN
+        RAISE EXCEPTION 'df.start: the graph is more than 256 nodes deep (the limit is 256)';
+    END IF;
+    IF jsonb_typeof(n->'type') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION 'df.start: unknown node type %', coalesce(left((n->'type')::text, 80), 'NULL');
+    END IF;
     CASE t
     WHEN 'sql' THEN
+        PERFORM df._check_text(n, 'query');
         SELECT array_agg(x.name), array_agg(x.null_safe) INTO refs, safe FROM df._refs(n->>'query') x;
         PERFORM df._check_refs(refs, safe, bound, n->>'query');
         RETURN bound;
     WHEN 'http' THEN
+        PERFORM df._check_text(n, 'url');
+        IF NOT df._missing(n->'method') AND n->>'method' <> ''
+           AND (jsonb_typeof(n->'method') <> 'string'
+                OR upper(n->>'method') NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD')) THEN
+            RAISE EXCEPTION 'df.start: unsupported HTTP method %', left((n->'method')::text, 80);
+        END IF;
+        PERFORM df._check_number(n, 'timeout', true, 0, 3162240000);
+        IF NOT df._missing(n->'headers') AND jsonb_typeof(n->'headers') <> 'object' THEN
+            RAISE EXCEPTION 'df.start: http.headers must be a JSON object';
+        END IF;
         SELECT array_agg(m[1]), array_agg(m[4] IS NOT NULL) INTO refs, safe
         FROM regexp_matches(concat_ws(' ', n->>'url', n->>'body', n->>'headers'),
                             '\$([A-Za-z_][A-Za-z0-9_]*)(\.(\*|[A-Za-z_][A-Za-z0-9_]*))?(\?)?', 'g') AS m;
         PERFORM df._check_refs(refs, safe, bound, n->>'url');
         RETURN bound;
     WHEN 'seq' THEN
+        PERFORM df._check_list(n, 'steps');
         FOR child IN SELECT value FROM jsonb_array_elements(n->'steps') LOOP
-            bound := df._check(child, bound);
+            bound := df._check(child, bound, depth + 1);
         END LOOP;
         RETURN bound;
     WHEN 'join' THEN
+        PERFORM df._check_list(n, 'branches');
         acc := bound;
         FOR child IN SELECT value FROM jsonb_array_elements(n->'branches') LOOP
-            acc := acc || df._check(child, bound);
+            acc := acc || df._check(child, bound, depth + 1);
         END LOOP;
         RETURN acc;
     WHEN 'race' THEN
+        PERFORM df._check_list(n, 'branches');
         FOR child IN SELECT value FROM jsonb_array_elements(n->'branches') LOOP
-            acc := df._intersect(acc, df._check(child, bound));
+            acc := df._intersect(acc, df._check(child, bound, depth + 1));
         END LOOP;
         RETURN acc;
     WHEN 'bind' THEN
-        RETURN df._check(n->'node', bound) || (n->>'name');
+        PERFORM df._check_text(n, 'name');
+        IF n->>'name' !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+            RAISE EXCEPTION 'df.start: bind name % must be an identifier', quote_literal(n->>'name');
+        END IF;
+        PERFORM df._check_child(n, 'node');
+        RETURN df._check(n->'node', bound, depth + 1) || (n->>'name');
     WHEN 'if', 'if_rows' THEN
-        IF t = 'if_rows' AND n->'cond' IS NULL AND NOT ((n->>'name') = ANY (bound)) THEN
-            RAISE EXCEPTION 'df.start: df.if_rows tests %, which is not bound before it', quote_literal(n->>'name');
+        PERFORM df._check_child(n, 'then');
+        IF t = 'if' THEN
+            PERFORM df._check_child(n, 'cond');
+        ELSIF df._missing(n->'cond') AND (jsonb_typeof(n->'name') IS DISTINCT FROM 'string'
+                                          OR NOT ((n->>'name') = ANY (bound))) THEN
+            RAISE EXCEPTION 'df.start: df.if_rows tests %, which is not bound before it',
+                coalesce(left((n->'name')::text, 80), 'NULL');
         END IF;
-        IF jsonb_typeof(n->'cond') = 'object' THEN
-            bound := df._check(n->'cond', bound);
+        IF NOT df._missing(n->'cond') THEN
+            bound := df._check(n->'cond', bound, depth + 1);
         END IF;
-        acc := df._check(n->'then', bound);
-        IF jsonb_typeof(n->'else') = 'object' THEN
-            acc := df._intersect(acc, df._check(n->'else', bound));
+        acc := df._check(n->'then', bound, depth + 1);
+        IF NOT df._missing(n->'else') THEN
+            acc := df._intersect(acc, df._check(n->'else', bound, depth + 1));
         ELSE
             acc := df._intersect(acc, bound);
         END IF;
         RETURN acc;
     WHEN 'loop' THEN
-        acc := df._check(n->'body', bound);
-        IF jsonb_typeof(n->'cond') = 'object' THEN
-            PERFORM df._check(n->'cond', acc);
+        PERFORM df._check_child(n, 'body');
+        acc := df._check(n->'body', bound, depth + 1);
+        IF NOT df._missing(n->'cond') THEN
+            PERFORM df._check(n->'cond', acc, depth + 1);
         END IF;
         RETURN bound;
+    WHEN 'sleep' THEN
+        PERFORM df._check_number(n, 'seconds', false, 0, 3162240000);
+        RETURN bound;
     WHEN 'wait_for_schedule' THEN
+        PERFORM df._check_text(n, 'cron');
         PERFORM df._check_cron(n->>'cron');
         RETURN bound;
     WHEN 'wait_for_signal' THEN
+        PERFORM df._check_text(n, 'name');
+        PERFORM df._check_number(n, 'timeout', true, 0, 3162240000);
         RETURN bound || (n->>'name');  -- a signal's result is readable as $<signal name>
     WHEN 'fan_out' THEN  -- Python DSL graphs handed to df.start
+        PERFORM df._check_text(n, 'over');
+        PERFORM df._check_child(n, 'step');
+        PERFORM df._check_number(n, 'limit', true, 1, NULL);
+        IF n ? 'as' AND (jsonb_typeof(n->'as') IS DISTINCT FROM 'string' OR n->>'as' !~ '^[A-Za-z_][A-Za-z0-9_]*$') THEN
+            RAISE EXCEPTION 'df.start: fan_out.as % must be an identifier', left((n->'as')::text, 80);
+        END IF;
         IF NOT ((n->>'over') = ANY (bound)) THEN
             RAISE EXCEPTION 'df.start: fan_out over %, which is not bound before it', quote_literal(n->>'over');
         END IF;
-        PERFORM df._check(n->'step', bound || coalesce(n->>'as', 'item'));
+        PERFORM df._check(n->'step', bound || coalesce(n->>'as', 'item'), depth + 1);
         RETURN bound;
-    WHEN 'sleep', 'call', 'break', 'activity' THEN
+    WHEN 'call', 'activity' THEN
+        PERFORM df._check_text(n, 'name');
+        RETURN bound;
+    WHEN 'break' THEN
         RETURN bound;
     ELSE
-        RAISE EXCEPTION 'df.start: unknown node type %', coalesce(quote_literal(t), 'NULL');
+        RAISE EXCEPTION 'df.start: unknown node type %', quote_literal(t);
     END CASE;
 END $$;
 
+-- Check a graph from its root; returns the names bound after it on every path.
+CREATE OR REPLACE FUNCTION df._check(n jsonb, bound text[]) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT df._check(n, bound, 1);
+$$;
+
 -- A graph as the worker reads it: a JSON string in a node position is a SQL node (as in
--- pgdurable_async/_graph/compiler.py), and every node has the fields its type needs, so a
--- graph the worker would refuse is refused at df.start already.
+-- pgdurable_async/_graph/compiler.py); df._check then checks every node's fields.
 CREATE OR REPLACE FUNCTION df._normalize(n jsonb) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     f text;
@@ -884,60 +1055,6 @@ BEGIN
     END LOOP;
     RETURN n;
 END $$;
-
-CREATE OR REPLACE FUNCTION df._check_fields(graph jsonb) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    g record;
-    n jsonb;
-    t text;
-    problem text;
-BEGIN
-    FOR g IN SELECT * FROM df._graph_nodes(graph) LOOP
-        n := g.node;
-        t := n->>'type';
-        problem := CASE
-            WHEN t = 'sql' AND (jsonb_typeof(n->'query') IS DISTINCT FROM 'string' OR n->>'query' = '')
-                THEN 'sql.query must be a non-empty string'
-            WHEN t = 'bind' AND coalesce(n->>'name', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$'
-                THEN 'bind name must be an identifier'
-            WHEN t = 'bind' AND jsonb_typeof(n->'node') IS DISTINCT FROM 'object' THEN 'bind needs a node'
-            WHEN t = 'if' AND (jsonb_typeof(n->'cond') IS DISTINCT FROM 'object'
-                               OR jsonb_typeof(n->'then') IS DISTINCT FROM 'object') THEN 'if needs cond and then'
-            WHEN t = 'if_rows' AND (jsonb_typeof(n->'then') IS DISTINCT FROM 'object'
-                                    OR (jsonb_typeof(n->'cond') IS DISTINCT FROM 'object'
-                                        AND jsonb_typeof(n->'name') IS DISTINCT FROM 'string'))
-                THEN 'if_rows needs a result name (or a cond node) and then'
-            WHEN t = 'loop' AND jsonb_typeof(n->'body') IS DISTINCT FROM 'object' THEN 'loop needs a body'
-            WHEN t = 'sleep' AND (jsonb_typeof(n->'seconds') IS DISTINCT FROM 'number' OR (n->>'seconds')::numeric < 0)
-                THEN 'sleep.seconds must be a number >= 0'
-            WHEN t IN ('wait_for_signal', 'call', 'activity')
-                 AND (jsonb_typeof(n->'name') IS DISTINCT FROM 'string' OR n->>'name' = '')
-                THEN t || '.name must be a non-empty string'
-            WHEN t IN ('wait_for_signal', 'http') AND n->'timeout' IS NOT NULL AND jsonb_typeof(n->'timeout') <> 'null'
-                 AND (jsonb_typeof(n->'timeout') <> 'number' OR (n->>'timeout')::numeric < 0)
-                THEN t || '.timeout must be a number >= 0'
-            WHEN t = 'http' AND (jsonb_typeof(n->'url') IS DISTINCT FROM 'string' OR n->>'url' = '')
-                THEN 'http.url must be a non-empty string'
-            WHEN t = 'http' AND upper(coalesce(n->>'method', 'POST')) NOT IN ('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD')
-                THEN 'unsupported HTTP method ' || quote_literal(n->>'method')
-            WHEN t = 'http' AND n->'headers' IS NOT NULL AND jsonb_typeof(n->'headers') NOT IN ('object', 'null')
-                THEN 'http.headers must be a JSON object'
-            WHEN t = 'fan_out' AND (jsonb_typeof(n->'over') IS DISTINCT FROM 'string'
-                                    OR jsonb_typeof(n->'step') IS DISTINCT FROM 'object')
-                THEN 'fan_out needs over and a step'
-            WHEN t = 'fan_out' AND n->'limit' IS NOT NULL AND jsonb_typeof(n->'limit') <> 'null'
-                 AND (jsonb_typeof(n->'limit') <> 'number' OR (n->>'limit')::numeric < 1)
-                THEN 'fan_out.limit must be at least 1'
-            WHEN t IN ('seq', 'join', 'race') AND jsonb_array_length(
-                     CASE WHEN t = 'seq' THEN n->'steps' ELSE n->'branches' END) = 0
-                THEN 'a ' || t || ' needs at least one ' || CASE WHEN t = 'seq' THEN 'step' ELSE 'branch' END
-        END;
-        IF problem IS NOT NULL THEN
-            RAISE EXCEPTION 'df.start: % (node %)', problem, g.node_id;
-        END IF;
-    END LOOP;
-END $$;
-
 -- What a graph may hold when a role submits it: HTTP nodes only with the df.http grant,
 -- activity nodes only with the df.call_activity grant, and no built-in (pgdurable.*) names.
 CREATE OR REPLACE FUNCTION df._check_policy(graph jsonb, submitter oid) RETURNS void
@@ -1039,7 +1156,6 @@ BEGIN
         END IF;
         NEW.graph := df._normalize(NEW.graph);
         PERFORM df._check(NEW.graph, ARRAY[]::text[]);
-        PERFORM df._check_fields(NEW.graph);
         PERFORM df._check_policy(NEW.graph, NEW.requested_by);
         doc := jsonb_build_object('graph', NEW.graph, 'vars', coalesce(NEW.vars, '{}'),
                                   'search_path', NEW.search_path, 'label', NEW.label);

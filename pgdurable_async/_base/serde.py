@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -24,12 +25,40 @@ def _default(value: Any) -> Any:
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
+def _leaf(value: Any) -> Any:
+    """What orjson makes of a value the standard library cannot encode (datetime, UUID, ...)."""
+    return orjson.loads(_dumps(value))
+
+
+def _dumps(value: Any) -> bytes:
+    """orjson's encoding; past orjson's fixed 255-level nesting limit, the standard library's.
+
+    A graph may nest 256 nodes, two JSON levels each for ``join``, so deep values are real.
+    Raises TypeError (what orjson raises) for anything that cannot be encoded, and ValueError
+    for NaN or Infinity in a value too deep for orjson.
+    """
+    try:
+        return orjson.dumps(value, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        if "Recursion limit" not in str(exc):
+            raise
+    try:
+        text = json.dumps(value, default=_leaf, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode()
+    except RecursionError:
+        raise TypeError("the value nests too deep to encode") from None
+    except UnicodeEncodeError:
+        raise TypeError("str is not valid UTF-8: surrogates not allowed") from None
+
+
 def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
     """Encode ``value`` as JSON text, or raise :class:`SerializationError`."""
     try:
-        raw = orjson.dumps(value, default=_default, option=_OPTIONS)
+        raw = _dumps(value)
     except TypeError as exc:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}", what=what) from None
+    except ValueError:
+        raise SerializationError(f"{what} contains NaN or Infinity, which JSON cannot represent", what=what) from None
     if b"null" in raw and _has_non_finite(value):
         raise SerializationError(f"{what} contains NaN or Infinity, which JSON cannot represent", what=what)
     if len(raw) > limit:
@@ -45,18 +74,22 @@ def encode(value: Any, *, what: str = "value", limit: int = DEFAULT_MAX_PAYLOAD_
 
 
 def _has_non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_non_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_non_finite(v) for v in value)
+    """Whether a float in ``value`` is NaN or infinite (iteratively: values may nest deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
     return False
 
 
 def dumps(value: Any) -> str:
     """JSON text of a value the engine itself built (no size or content checks: see :func:`encode`)."""
-    return orjson.dumps(value, default=_default, option=_OPTIONS).decode()
+    return _dumps(value).decode()
 
 
 def decode(text: str | bytes) -> Any:
@@ -66,4 +99,4 @@ def decode(text: str | bytes) -> Any:
 
 def normalize(value: Any) -> Any:
     """The value as it reads back from the database (tuples become lists, and so on)."""
-    return orjson.loads(orjson.dumps(value, default=_default, option=_OPTIONS))
+    return orjson.loads(_dumps(value))

@@ -99,6 +99,7 @@ class Client:
         self.poll_interval = poll_interval
         self._on_sent = _on_sent
         self._checked = False
+        self._registered: set[str] = set()
         self._listener = Listener(self.db, {self.db.channel("done"): self._on_done}, on_lost=self._wake_all)
         self._waiters: dict[str, set[anyio.Event]] = {}
         self._deciding = anyio.Lock()  # concurrent first waits run one start-up test
@@ -150,12 +151,14 @@ class Client:
             self._on_sent()
 
     async def _check_registered(self, name: str) -> None:
-        if self.app is not None and name in self.app.orchestrations:
+        if name in self._registered or (self.app is not None and name in self.app.orchestrations):
             return
         found = await self.db.run(
             lambda conn: turn_store.known_names(conn, kind="orchestration", names=[name]), transaction=False
         )
-        if not found:
+        if found:
+            self._registered.add(name)  # the registry only grows: a name found stays found
+        else:
             raise UnknownNameError(
                 f"no orchestration named {name!r} is registered by any runtime of this database",
                 kind="orchestration",

@@ -13,12 +13,17 @@ both build a tree of JSON nodes, each an object with a ``"type"``::
 :func:`compile_graph` checks a tree (unknown types, malformed fields, bad cron,
 ``$name`` references used before a ``bind`` binds them on every path), flattens
 nested ``seq`` nodes and gives every node a stable path-based ``id`` (``n0``,
-``n0.1``, ...).  It raises :class:`GraphError` before anything is written.
+``n0.1``, ...).  It raises :class:`GraphError` before anything is written, also for
+what the worker could not carry: a graph more than :data:`MAX_DEPTH` nodes deep (seqs
+flattened), JSON nested more than :data:`MAX_JSON_DEPTH` levels, a sleep or timeout
+beyond :data:`MAX_SECONDS`, NaN, a NUL character.  ``df.start`` makes the same checks
+in SQL (``df._check``), so a graph it accepts is one the worker runs.  Nothing here
+recurses deeper than the node depth: values are copied iteratively.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +35,9 @@ NODE_TYPES = frozenset({
     "sql", "seq", "join", "race", "bind", "if", "if_rows", "loop", "break", "sleep",
     "wait_for_schedule", "wait_for_signal", "http", "call", "activity", "fan_out",
 })
+MAX_DEPTH = 256  # nodes from the root to the deepest leaf, nested seqs flattened (as in pg_durable)
+MAX_JSON_DEPTH = 2 * MAX_DEPTH + 88  # JSON levels in a compiled graph (a join nests two per node)
+MAX_SECONDS = 100 * 366 * 86400  # the longest sleep or timeout (100 years): a timer must fit in a datetime
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"})
 # Fields holding child nodes, in id order.
 _CHILD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -67,7 +75,7 @@ def compile_graph(graph: Any, *, bound: frozenset[str] = frozenset(), submitted:
     """
     if not isinstance(graph, dict):
         raise GraphError(f"a graph node must be a JSON object, got {type(graph).__name__}")
-    tree = _normalize(copy.deepcopy(graph), "n0")
+    tree = _normalize(graph, "n0", 1, 1)
     _check_bindings(tree, set(bound))
     if submitted:
         _check_submitted(tree)
@@ -81,43 +89,111 @@ def _check_submitted(tree: dict[str, Any]) -> None:
 
 
 # -- normalisation --------------------------------------------------------------------
-def _normalize(raw: Any, node_id: str) -> dict[str, Any]:
+def _too_deep(node_id: str) -> GraphError:
+    return GraphError(f"the graph is more than {MAX_DEPTH} nodes deep (the limit is {MAX_DEPTH})", node_id=node_id)
+
+
+def _normalize(raw: Any, node_id: str, depth: int, level: int) -> dict[str, Any]:
+    """A checked copy of the node ``raw``, ``depth`` nodes and ``level`` JSON levels below the root.
+
+    The node depth is checked before anything else, so the recursion is bounded; values in
+    fields that hold no nodes are copied without recursion, at most :data:`MAX_JSON_DEPTH` deep.
+    """
+    if depth > MAX_DEPTH:
+        raise _too_deep(node_id)
     node: Any = raw
     if isinstance(node, str):  # a bare string in a node position is SQL (auto-wrap)
         node = {"type": "sql", "query": node}
     if not isinstance(node, dict):
         raise GraphError(f"a graph node must be a JSON object, got {type(node).__name__}", node_id=node_id)
     kind = node.get("type")
-    if kind not in NODE_TYPES:
-        raise GraphError(f"unknown node type {kind!r}; known: {', '.join(sorted(NODE_TYPES))}", node_id=node_id)
-    node = dict(node)
+    if not isinstance(kind, str) or kind not in NODE_TYPES:
+        raise GraphError(f"unknown node type {_show(kind)}; known: {', '.join(sorted(NODE_TYPES))}", node_id=node_id)
+    child_fields = _CHILD_FIELDS.get(kind, ())
+    nodes_in = {"seq": ("steps",), "join": ("branches",), "race": ("branches",)}.get(kind, child_fields)
+    node = {k: v if k in nodes_in else _copy_value(v, level + 1, node_id) for k, v in node.items()}
     node["id"] = node_id
     checked: dict[str, Any] = node
     if kind == "seq":
-        steps = _flatten_seq(_list(node, "steps", node_id))
+        steps = _flatten_seq(_list(node, "steps", node_id), node_id)
         if not steps:
             raise GraphError("a seq needs at least one step", node_id=node_id)
-        node["steps"] = [_normalize(s, f"{node_id}.{i}") for i, s in enumerate(steps)]
+        node["steps"] = [_normalize(s, f"{node_id}.{i}", depth + 1, level + 2) for i, s in enumerate(steps)]
     elif kind in ("join", "race"):
         branches = _list(node, "branches", node_id)
         if not branches:
             raise GraphError(f"a {kind} needs at least one branch", node_id=node_id)
-        node["branches"] = [_normalize(b, f"{node_id}.{i}") for i, b in enumerate(branches)]
+        node["branches"] = [_normalize(b, f"{node_id}.{i}", depth + 1, level + 2) for i, b in enumerate(branches)]
     else:
-        for i, field in enumerate(_CHILD_FIELDS.get(kind, ())):
+        for i, field in enumerate(child_fields):
             if node.get(field) is not None:
-                node[field] = _normalize(node[field], f"{node_id}.{i}")
+                node[field] = _normalize(node[field], f"{node_id}.{i}", depth + 1, level + 1)
     _check_fields(checked, node_id)
     return checked
 
 
-def _flatten_seq(steps: list[Any]) -> list[Any]:
+def _copy_value(value: Any, level: int, node_id: str) -> Any:
+    """A copy of a JSON value that starts ``level`` JSON levels deep, checked for what the store can hold.
+
+    Iterative, so a value nested thousands of levels deep costs no recursion.  Raises
+    :class:`GraphError` past :data:`MAX_JSON_DEPTH`, and for a NUL character, an integer
+    beyond 64 bits or a NaN / infinite float (PostgreSQL or JSON cannot hold them).
+    """
+    if not isinstance(value, (dict, list, tuple)):
+        return _leaf(value, node_id)
+    root: Any = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, Any, int]] = [(value, root, level)]
+    while stack:
+        source, target, at = stack.pop()
+        if at > MAX_JSON_DEPTH:
+            raise GraphError(f"the graph's JSON nests more than {MAX_JSON_DEPTH} levels deep", node_id=node_id)
+        items = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, item in items:
+            copy: Any = _leaf(item, node_id)
+            if isinstance(item, (dict, list, tuple)):
+                copy = {} if isinstance(item, dict) else []
+                stack.append((item, copy, at + 1))
+            if isinstance(target, dict):
+                target[_leaf(key, node_id)] = copy
+            else:
+                target.append(copy)
+    return root
+
+
+_INT64 = range(-(2**63), 2**64)  # orjson writes signed and unsigned 64-bit integers
+
+
+def _leaf(value: Any, node_id: str) -> Any:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise GraphError("the graph holds a NUL character, which PostgreSQL cannot store", node_id=node_id)
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if value not in _INT64:
+            raise GraphError("the graph holds an integer beyond 64 bits", node_id=node_id)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise GraphError(f"the graph holds {value}, which JSON cannot represent", node_id=node_id)
+    return value
+
+
+def _flatten_seq(steps: list[Any], node_id: str) -> list[Any]:
+    """The steps of a seq with the steps of the seqs nested in it spliced in (iteratively)."""
     flat: list[Any] = []
-    for step in steps:
-        if isinstance(step, dict) and step.get("type") == "seq" and isinstance(step.get("steps"), list):
-            flat.extend(_flatten_seq(step["steps"]))
-        else:
+    stack: list[tuple[Iterator[Any], int]] = [(iter(steps), id(steps))]
+    open_seqs = {id(steps)}  # the step lists being spliced: one seen again is a cycle
+    while stack:
+        for step in stack[-1][0]:
+            inner = step.get("steps") if isinstance(step, dict) and step.get("type") == "seq" else None
+            if isinstance(inner, list):
+                if id(inner) in open_seqs:
+                    raise GraphError("a seq contains itself", node_id=node_id)
+                stack.append((iter(inner), id(inner)))
+                open_seqs.add(id(inner))
+                break
             flat.append(step)
+        else:
+            open_seqs.discard(stack.pop()[1])
     return flat
 
 
@@ -136,12 +212,14 @@ def _text(node: dict[str, Any], field: str, node_id: str, *, optional: bool = Fa
         raise GraphError(f"{node['type']}.{field} must be a non-empty string", node_id=node_id)
 
 
-def _number(node: dict[str, Any], field: str, node_id: str, *, optional: bool = False) -> None:
+def _number(node: dict[str, Any], field: str, node_id: str, *, optional: bool = False,
+            minimum: float = 0, maximum: float = MAX_SECONDS) -> None:
     value = node.get(field)
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise GraphError(f"{node['type']}.{field} must be a number >= 0", node_id=node_id)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or not minimum <= value <= maximum):
+        raise GraphError(f"{node['type']}.{field} must be a number from {minimum:g} to {maximum:g}", node_id=node_id)
 
 
 def _check_fields(node: dict[str, Any], node_id: str) -> None:
@@ -174,9 +252,10 @@ def _check_fields(node: dict[str, Any], node_id: str) -> None:
         _number(node, "timeout", node_id, optional=True)
     elif kind == "http":
         _text(node, "url", node_id)
-        method = str(node.get("method") or "POST").upper()
-        if method not in HTTP_METHODS:
-            raise GraphError(f"unsupported HTTP method {method!r}", node_id=node_id)
+        method = node.get("method") or "POST"
+        if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+            raise GraphError(f"unsupported HTTP method {_show(method)}", node_id=node_id)
+        method = method.upper()
         node["method"] = method
         _number(node, "timeout", node_id, optional=True)
         if node.get("headers") is not None and not isinstance(node["headers"], dict):
@@ -187,10 +266,19 @@ def _check_fields(node: dict[str, Any], node_id: str) -> None:
         _text(node, "over", node_id)
         if node.get("step") is None:
             raise GraphError("fan_out needs a step", node_id=node_id)
-        _number(node, "limit", node_id, optional=True)
-        if node.get("limit") is not None and node["limit"] < 1:
-            raise GraphError("fan_out.limit must be at least 1", node_id=node_id)
+        _number(node, "limit", node_id, optional=True, minimum=1, maximum=math.inf)
         node.setdefault("as", "item")
+        if not isinstance(node["as"], str) or not _is_identifier(node["as"]):
+            raise GraphError(f"fan_out.as {_show(node['as'])} must be an identifier", node_id=node_id)
+
+
+def _show(value: Any) -> str:
+    """A short repr of any value for a message (a huge integer has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_identifier(name: str) -> bool:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
-
+from .._base.serde import dumps
 from .._store.node_store import COLUMNS_KEY
 from .tokens import IDENT, TEXT_REF, Ref, needs_select, parse_ref, tokens
 
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CAST_NEXT = re.compile(r"[ \t\n\r\f\v]*::")  # PostgreSQL's whitespace, then a cast
 _SAFE_TYPE = re.compile(r'^(?:"[^"\x00]+"\.)?"[^"\x00]+"$|^[a-z][a-z0-9_ ]*$')
 # Words that may follow a FROM item when the user wrote no alias for ``$name.*``.
 _AFTER_FROM_ITEM = frozenset(
@@ -78,17 +78,25 @@ def json_type(value: Any) -> str:
     return "text"
 
 
+def _json(value: Any) -> str:
+    """JSON text of a bound value (however deep it nests); ReferenceError_ if it has none."""
+    try:
+        return dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ReferenceError_(f"a bound value cannot be passed as JSON: {exc}") from None
+
+
 def as_text(value: Any, type_name: str) -> str | None:
     """The text form of a JSON value, as PostgreSQL's input function for ``type_name`` reads it."""
     if value is None:
         return None
     if type_name.strip('"').endswith(("json", "jsonb")):
-        return orjson.dumps(value).decode()
+        return _json(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return value
-    return orjson.dumps(value).decode()
+    return _json(value)
 
 
 def _missing(ref: Ref, why: str) -> tuple[Any, str]:
@@ -219,12 +227,13 @@ def rewrite(sql: str, bound: dict[str, Any], variables: dict[str, str] | None = 
         value, type_name = scalar(bound, ref)
         type_name = _type(type_name)
         k = params.add(("ref", ref.name, ref.column, ref.null_safe), as_text(value, type_name))
-        out.append(f"(${k}::text)" if sql[e:].lstrip().startswith("::") else f"(${k}::text::{type_name})")
+        out.append(f"(${k}::text)" if _CAST_NEXT.match(sql, e) else f"(${k}::text::{type_name})")
     return "".join(out), params.values
 
 
 def _needs_alias(spans: list[tuple[str, int, int]], pos: int, sql: str) -> bool:
-    for kind, s, e in spans[pos + 1:]:
+    for i in range(pos + 1, len(spans)):  # by index: a slice of the spans per reference would be quadratic
+        kind, s, e = spans[i]
         if kind == "comment":
             continue
         if kind == "ident":
@@ -241,7 +250,7 @@ def _needs_alias(spans: list[tuple[str, int, int]], pos: int, sql: str) -> bool:
 
 def _rowset_sql(bound: dict[str, Any], ref: Ref, params: _Params, alias: bool) -> str:
     rows, columns = rowset(bound, ref.name)
-    k = params.add(("rows", ref.name), orjson.dumps(rows).decode())
+    k = params.add(("rows", ref.name), _json(rows))
     if not columns:
         inner = f"(SELECT NULL WHERE false AND ${k}::text IS NOT NULL)"
     else:
@@ -256,10 +265,10 @@ def substitute_text(text: str, bound: dict[str, Any], variables: dict[str, str] 
     def ref_value(m: re.Match[str]) -> str:
         ref = Ref(m[1], m[2], bool(m[3]), m.start(), m.end())
         if ref.column == "*":
-            return orjson.dumps(rowset(bound, ref.name)[0]).decode()
+            return _json(rowset(bound, ref.name)[0])
         value, _ = scalar(bound, ref)
         if value is None:
             return "null"
-        return value if isinstance(value, str) else orjson.dumps(value).decode()
+        return value if isinstance(value, str) else _json(value)
 
     return TEXT_REF.sub(ref_value, substitute_vars(text, variables or {}))

@@ -171,7 +171,9 @@ class TurnProcessor:
         w.updates.append(InstanceUpdate(instance_id, "failed", None, dumps(error), False, None, row.execution_id,
                                         seq, None))
         w.finished.append(instance_id)
-        w.consumed.extend(m.id for m in await turn_store.fetch_messages(conn, instance_ids=[instance_id]))
+        # By id: a message whose payload cannot be decoded (nested deeper than the JSON decoder
+        # goes, a number beyond a double) is what may have failed the turn.
+        w.consumed.extend(await turn_store.message_ids(conn, instance_ids=[instance_id]))
         if row.parent_instance_id:
             w.messages.append(_to_parent(row, ev.SUB_ORCHESTRATION_FAILED,
                                          ev.child_failed(row.parent_task_id, instance_id, error)))

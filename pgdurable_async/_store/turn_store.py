@@ -45,6 +45,11 @@ async def fetch_messages(conn: Connection, *, instance_ids: Sequence[str]) -> li
     return [Message(r[0], r[1], r[2], r[3], r[4] or {}) for r in rows]
 
 
+async def message_ids(conn: Connection, *, instance_ids: Sequence[str]) -> list[int]:
+    """The ids of the pending messages of these instances (their payloads left undecoded)."""
+    return [r[0] for r in await conn.fetch(q("message_ids"), list(instance_ids))]
+
+
 async def fetch_histories(
     conn: Connection, *, executions: Iterable[tuple[str, int]]
 ) -> dict[str, list[HistoryEvent]]:

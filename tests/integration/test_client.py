@@ -131,6 +131,29 @@ async def test_duplicate_id_unknown_name_and_bad_input_write_nothing(dsn: str) -
         assert (await client.status("dup")).name == "waits"
 
 
+async def test_a_client_looks_a_name_up_until_it_finds_it(dsn: str) -> None:
+    """Client(dsn) checks the registry before a start; a name found once is not looked up
+    again (the registry only grows, and a start flood paid one more round trip per start),
+    a name not found is looked up again next time."""
+    async with pgd.Runtime(app, dsn):
+        pass  # registers the names
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with pgd.Client(dsn) as client:
+            await client.start("single", 1)
+            with pytest.raises(pgd.UnknownNameError):
+                await client.start("late", 1)
+            await conn.execute("DELETE FROM pgdurable.registry WHERE name = 'single'")
+            await conn.execute("INSERT INTO pgdurable.registry (kind, name) VALUES ('orchestration', 'late')")
+            await client.start("single", 2)  # remembered
+            await client.start("late", 2)  # found now
+        async with pgd.Client(dsn) as fresh:
+            with pytest.raises(pgd.UnknownNameError):
+                await fresh.start("single", 3)
+    finally:
+        await conn.close()
+
+
 async def test_unknown_instance_everywhere(dsn: str) -> None:
     async with pgd.Client(dsn) as client:
         for call in (

@@ -126,3 +126,30 @@ def test_retry_policy_is_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         policy.max_attempts = 9  # type: ignore[misc]
     assert hash(policy) == hash(pgd.RetryPolicy(non_retryable=("A",)))
+
+
+# -- deep values (orjson encodes at most 255 levels) ------------------------------------------------
+def _nested(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_values_deeper_than_orjson_goes_are_encoded() -> None:
+    """A graph 256 nodes deep nests 512 JSON levels (two per join); history must hold it."""
+    value = {"graph": _nested(600, {"k": "żółw", "d": dt.datetime(2024, 1, 2, tzinfo=dt.UTC), "u": uuid.UUID(int=1)})}
+    text = encode(value)
+    assert decode(text) == normalize(value) == decode(encode(normalize(value)))
+    assert '"d":"2024-01-02T00:00:00+00:00"' in text and '"u":"00000000-0000-0000-0000-000000000001"' in text
+
+
+@pytest.mark.parametrize("leaf", [float("nan"), {1, 2}, "\ud800"], ids=["nan", "set", "surrogate"])
+def test_a_deep_value_that_cannot_be_encoded_is_a_serialization_error(leaf: Any) -> None:
+    with pytest.raises(pgd.SerializationError):
+        encode(_nested(300, leaf))
+
+
+def test_a_value_deeper_than_the_interpreter_goes_is_a_serialization_error() -> None:
+    with pytest.raises(pgd.SerializationError, match="nests too deep"):
+        encode(_nested(100_000, 1))

@@ -36,6 +36,10 @@ FROM orchestrator_queue
 WHERE instance_id = ANY($1::text[])
 ORDER BY id;
 
+-- name: message_ids
+-- Only the ids: failing an instance must not depend on decoding its messages.
+SELECT id FROM orchestrator_queue WHERE instance_id = ANY($1::text[]);
+
 -- name: last_seq
 SELECT coalesce(max(seq), 0) FROM history WHERE instance_id = $1 AND execution_id = $2;
 
