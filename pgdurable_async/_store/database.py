@@ -43,12 +43,28 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+def _session_lost(exc: BaseException) -> bool:
+    """asyncpg's error for a connection whose session the server ended while it sat idle.
+
+    When PostgreSQL ends a session (crash, restart, ``pg_terminate_backend``, failover) it sends
+    a FATAL error, then closes the socket.  An idle connection consumes the error and is left
+    in an error state, yet looks open until the close arrives; a statement started on it in
+    that moment fails with ``InternalClientError("cannot switch to state N; another operation
+    (2) is in progress")`` (asyncpg issues #784, #1069) before anything is sent.  A fresh
+    connection is all it takes.
+    """
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) or isinstance(
+        exc.__cause__, asyncpg.exceptions.InternalClientError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: the same operation may succeed in a moment."""
     if isinstance(exc, DatabaseError):
         return bool(getattr(exc, "transient", False))
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return False  # a malformed DSN does not get better by waiting
+    if _session_lost(exc):
+        return True
     if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
         return True
     if isinstance(exc, asyncpg.PostgresError):
@@ -61,7 +77,9 @@ def translate(exc: BaseException) -> DatabaseError:
     if isinstance(exc, DatabaseError):
         return exc
     transient = is_transient(exc)
-    if isinstance(exc, OSError) or (transient and not isinstance(exc, asyncpg.PostgresError)):
+    if _session_lost(exc):
+        text = f"PostgreSQL ended the session: {exc}"
+    elif isinstance(exc, OSError) or (transient and not isinstance(exc, asyncpg.PostgresError)):
         text = f"cannot reach PostgreSQL: {exc}"
     elif isinstance(exc, asyncpg.PostgresError):
         text = f"PostgreSQL error {getattr(exc, 'sqlstate', '?')}: {exc}"
@@ -75,7 +93,7 @@ def mapped_errors() -> Any:
     """Turn driver exceptions raised inside the block into :class:`DatabaseError`."""
     try:
         yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, OSError) as exc:
         raise translate(exc) from exc
     except TimeoutError as exc:
         if isinstance(exc, PgDurableError):
@@ -171,7 +189,12 @@ class Database:
         await self.open()
         with mapped_errors():
             async with self.pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if _session_lost(exc):
+                        conn.terminate()  # never hand this connection out again: the pool opens a new one
+                    raise
 
     async def run(
         self,
