@@ -239,6 +239,20 @@ class EmbeddedCluster:
             raise RuntimeError("EmbeddedCluster is not started")
         self._pg_ctl("restart", "-m", mode)
 
+    def crash(self, down: float = 0.0) -> None:
+        """A real crash: ``pg_ctl stop -m immediate``, then a start on the same port and data directory.
+
+        The server exits without a shutdown checkpoint, so the start runs crash recovery
+        (WAL replay), as after a power loss.  ``down`` seconds pass in between, in which
+        every connection attempt is refused.
+        """
+        if not self._running:
+            raise RuntimeError("EmbeddedCluster is not started")
+        self._pg_ctl("stop", "-m", "immediate")
+        if down > 0:
+            time.sleep(down)
+        self._pg_ctl("start")
+
     def stop(self, mode: str = "fast") -> None:
         """Stop the server and remove its directory; a second call does nothing."""
         tempdir = self._tempdir

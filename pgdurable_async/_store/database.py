@@ -52,20 +52,34 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+def _session_lost(exc: BaseException) -> bool:
+    """asyncpg's error for a connection whose session the server ended while it sat idle.
+
+    When PostgreSQL ends a session (crash, restart, ``pg_terminate_backend``, failover) it sends
+    a FATAL error, then closes the socket.  An idle connection consumes the error and is left
+    in an error state, yet looks open until the close arrives; a statement started on it in
+    that moment fails with ``InternalClientError("cannot switch to state N; another operation
+    (2) is in progress")`` (asyncpg issues #784, #1069) before anything is sent.  A fresh
+    connection is all it takes.
+    """
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) or isinstance(
+        exc.__cause__, asyncpg.exceptions.InternalClientError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: the same operation may succeed in a moment."""
     if isinstance(exc, DatabaseError):
         return bool(getattr(exc, "transient", False))
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return False  # a malformed DSN does not get better by waiting
-    if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
-        return True
-    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+    if _session_lost(exc):
         # The driver's own state, not the statement, is at fault: none of the hosts of a
         # multi-host DSN accepts writes yet (TargetServerAttributeNotMatched, mid-failover),
         # or a session's protocol state was wrecked by a FATAL that a dying server sent to
-        # an idle pooled connection before its EOF arrived ("cannot switch to state ...";
-        # the driver then aborts that session). A fresh connection, in a moment, is the cure.
+        # an idle pooled connection before its EOF arrived ("cannot switch to state ...").
+        # A fresh connection, in a moment, is the cure.
+        return True
+    if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         return getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES
@@ -79,6 +93,8 @@ def translate(exc: BaseException) -> DatabaseError:
     transient = is_transient(exc)
     if isinstance(exc, asyncpg.exceptions.TargetServerAttributeNotMatched):
         text = f"no host accepts this connection yet: {exc}"
+    elif _session_lost(exc):
+        text = f"PostgreSQL ended the session: {exc}"
     elif isinstance(exc, OSError) or (transient and not isinstance(exc, asyncpg.PostgresError)):
         text = f"cannot reach PostgreSQL: {exc}"
     elif _refused_startup_parameter(exc):
@@ -257,7 +273,12 @@ class Database:
         await self.open()
         with mapped_errors():
             async with self.pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if _session_lost(exc):
+                        conn.terminate()  # never hand this connection out again: the pool opens a new one
+                    raise
 
     async def run(
         self,

@@ -2,8 +2,17 @@
 
 Every orchestration's correct output is a pure function of its input
 (:func:`expected_output`), so the checker needs no record of what happened.
-Transactional activities insert one row per effect into ``public.chaos_effects``
-(no unique key: a doubled effect stays visible to the checker).
+The transactional activity ``record`` writes two effects in its completion's
+transaction: one row into ``public.chaos_effects`` (no unique key, so a doubled
+effect stays visible) and an increment of its key's counter in
+``public.chaos_counters`` (an upsert: a doubled effect shows as ``n = 2``).
+
+Events come from the driver, each with an idempotency key that is also in its
+data (``{"key": ..., "n": ...}``), so the checker can tell every delivery apart
+in history: a ``mixed`` instance waits for its ``inbox`` ``msg`` events, then
+for ``close`` (raised only once every ``msg`` raise has returned, so a duplicate
+would land while the instance is still live); every execution of a ``looper``
+child waits for one ``tick`` (early ticks are carried over by continue-as-new).
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ CREATE TABLE IF NOT EXISTS public.chaos_effects (
     worker_pid  integer NOT NULL,
     attempt     integer NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS public.chaos_counters (
+    key text PRIMARY KEY,
+    n   integer NOT NULL
 )
 """
 
@@ -68,6 +81,11 @@ async def record(ctx: pgd.TransactionContext, step: dict[str, Any]) -> str:
         "INSERT INTO public.chaos_effects (activity_id, key, worker_pid, attempt) VALUES ($1, $2, $3, $4)",
         ctx.activity_id, step["key"], os.getpid(), ctx.attempt,
     )
+    await ctx.conn.execute(
+        "INSERT INTO public.chaos_counters AS c (key, n) VALUES ($1, 1)"
+        " ON CONFLICT (key) DO UPDATE SET n = c.n + 1",
+        step["key"],
+    )
     if step.get("hold"):
         await ctx.conn.execute("SELECT pg_sleep($1)", float(step["hold"]))
     if step.get("fail_first") and ctx.attempt == 1:
@@ -106,8 +124,10 @@ async def _timers(ctx: pgd.OrchestrationContext, sleeps: list[float]) -> dict[st
     return {"slept": len(sleeps), "race": "short" if first is short else "long", "timeout": timeout}
 
 
-async def _events(ctx: pgd.OrchestrationContext, names: list[str]) -> list[Any]:
-    return [await ctx.wait_for_event(name) for name in names]
+async def _events(ctx: pgd.OrchestrationContext, inbox: int) -> dict[str, Any]:
+    msgs = [await ctx.wait_for_event("msg") for _ in range(inbox)]
+    close = await ctx.wait_for_event("close")
+    return {"msgs": sorted(m["n"] for m in msgs), "close": close["key"]}
 
 
 async def _children(ctx: pgd.OrchestrationContext, spec: dict[str, Any]) -> list[Any]:
@@ -135,7 +155,7 @@ async def mixed(ctx: pgd.OrchestrationContext, spec: dict[str, Any]) -> dict[str
     chain, timers, events, children, records, flaky_values, doomed_result = await ctx.all([
         _chain(ctx, spec["chain"], spec["pause"]),
         _timers(ctx, spec["sleeps"]),
-        _events(ctx, spec["events"]),
+        _events(ctx, spec["inbox"]),
         _children(ctx, spec),
         _records(ctx, spec["tag"], spec["records"]),
         _flaky(ctx, spec["flaky"]),
@@ -158,13 +178,15 @@ async def leaf(ctx: pgd.OrchestrationContext, spec: dict[str, Any]) -> dict[str,
 
 
 @app.orchestration
-async def looper(ctx: pgd.OrchestrationContext, spec: dict[str, Any]) -> int:
-    """A sub-orchestration that continues as new ``left`` times, one record per execution."""
+async def looper(ctx: pgd.OrchestrationContext, spec: dict[str, Any]) -> dict[str, Any]:
+    """A sub-orchestration that continues as new ``left`` times: a record and a ``tick`` per execution."""
     await ctx.call_activity(record, {"key": f"{spec['tag']}/loop-{spec['left']}", "hold": 0.0})
     acc = await ctx.call_activity(inc, {"value": spec["acc"], "add": 1, "pause": 0.0})
+    tick = await ctx.wait_for_event("tick")
+    got = [*spec["got"], tick["n"]]
     if spec["left"] > 0:
-        ctx.continue_as_new({**spec, "left": spec["left"] - 1, "acc": acc})
-    return int(acc)
+        ctx.continue_as_new({**spec, "left": spec["left"] - 1, "acc": acc, "got": got})
+    return {"acc": int(acc), "ticks": sorted(got)}
 
 
 @app.orchestration
@@ -182,30 +204,48 @@ def expected_output(name: str, spec: Any) -> Any:
             "fanout": sum(i * i for i in range(spec["fanout"])),
             "chain": _triangle(spec["chain"]),
             "timers": {"slept": len(spec["sleeps"]), "race": "short", "timeout": "timed-out"},
-            "events": [event_data(spec["tag"], e) for e in spec["events"]],
+            "events": {"msgs": list(range(spec["inbox"])), "close": close_key(spec["tag"])},
             "children": [expected_output("leaf", c) for c in spec["children"]]
-            + [spec["looper"]["acc"] + spec["looper"]["left"] + 1],
+            + [{"acc": spec["looper"]["acc"] + spec["looper"]["left"] + 1,
+                "ticks": list(range(spec["looper"]["left"] + 1))}],
             "records": _record_keys(spec["tag"], spec["records"]),
             "flaky": [7 * j for j in range(len(spec["flaky"]))],
             "doomed": "caught:ValueError" if spec["doomed"] else "skipped",
         }
     if name == "leaf":
         return {"chain": _triangle(spec["chain"]), "records": _record_keys(spec["tag"], spec["records"])}
-    if name == "looper":
-        return spec["acc"] + 1  # the current execution's input: left == 0
+    if name == "looper":  # the current execution's input: left == 0
+        return {"acc": spec["acc"] + 1, "ticks": list(range(len(spec["got"]) + 1))}
     if name == "probe":
         return spec["records"]
     raise ValueError(f"no oracle for orchestration {name!r}")
 
 
-def expected_children(spec: dict[str, Any]) -> list[str]:
-    """Instance ids of the sub-orchestrations a ``mixed`` instance starts."""
-    return [c["tag"] for c in spec["children"]] + [spec["looper"]["tag"]]
+def expected_children(spec: dict[str, Any]) -> dict[str, str]:
+    """Instance id -> orchestration name of the sub-orchestrations a ``mixed`` instance starts."""
+    return {**{c["tag"]: "leaf" for c in spec["children"]}, spec["looper"]["tag"]: "looper"}
 
 
-def event_data(tag: str, name: str) -> str:
-    """The payload the driver raises for event ``name`` of instance ``tag``."""
-    return f"{tag}:{name}"
+def planned_events(spec: dict[str, Any]) -> dict[str, dict[str, tuple[str, Any]]]:
+    """Instance id -> delivery key -> (event name, data): every event the driver raises for ``spec``.
+
+    Each must be delivered exactly once.  The data carries the key (history does not).
+    """
+    tag, looper_tag = spec["tag"], spec["looper"]["tag"]
+    inbox = {f"{tag}/msg-{i}": ("msg", message(f"{tag}/msg-{i}", i)) for i in range(spec["inbox"])}
+    inbox[close_key(tag)] = ("close", message(close_key(tag), spec["inbox"]))
+    ticks = {f"{looper_tag}/tick-{j}": ("tick", message(f"{looper_tag}/tick-{j}", j))
+             for j in range(spec["looper"]["left"] + 1)}
+    return {tag: inbox, looper_tag: ticks}
+
+
+def message(key: str, n: int) -> dict[str, Any]:
+    """The data of one raised event."""
+    return {"key": key, "n": n}
+
+
+def close_key(tag: str) -> str:
+    return f"{tag}/close"
 
 
 def _record_keys(tag: str, n: int) -> list[str]:

@@ -90,6 +90,41 @@ def test_kill_is_a_crash_and_stop_cleans_up() -> None:
     assert not tempdir.exists()
 
 
+@pytest.mark.asyncio
+async def test_crash_is_an_immediate_stop_then_a_start_with_recovery() -> None:
+    async with EmbeddedCluster() as cluster:
+        dsn, port = cluster.dsn, cluster.port
+        conn = await asyncpg.connect(dsn)
+        doomed = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+            await doomed.execute("BEGIN; INSERT INTO t VALUES (2)")  # never committed
+            crash = asyncio.create_task(asyncio.to_thread(cluster.crash, 2.0))
+            refused = 0
+            while not crash.done():  # while it is down, connections are refused
+                try:
+                    await _select_one(dsn)
+                except (OSError, asyncpg.PostgresError):
+                    refused += 1
+                await asyncio.sleep(0.1)
+            await crash
+            assert refused > 0
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                await conn.fetchval("SELECT 1")  # the crash cut every session
+        finally:
+            await conn.close(timeout=2)
+            await doomed.close(timeout=2)
+        assert cluster.port == port and cluster.dsn == dsn
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetch("SELECT v FROM t") == [(1,)]  # committed kept, uncommitted gone
+        finally:
+            await conn.close()
+        log = cluster.logfile.read_text()
+        assert "immediate shutdown request" in log
+        assert "not properly shut down; automatic recovery in progress" in log
+
+
 def test_sync_context_manager_with_settings() -> None:
     with EmbeddedCluster(settings={"max_connections": "42"}) as cluster:
         tempdir = cluster.datadir.parent

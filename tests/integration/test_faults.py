@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from urllib.parse import urlsplit, urlunsplit
+
 import anyio
 import asyncpg
 import pytest
 
 import pgdurable_async as pgd
+from pgdurable_async._store.database import is_transient, mapped_errors
 from tests.conftest import PgServer
 
 app = pgd.App()
@@ -152,3 +157,87 @@ async def test_shared_database_runs_only_own_names(dsn: str) -> None:
         async with pgd.Runtime(other_app, dsn):
             result = await handle.result(timeout=30)
         assert result in (1001, 2)  # either runtime may execute the shared activity name "inc"
+
+
+class _SlowCloseRelay:
+    """A TCP relay to PostgreSQL that passes bytes at once but the server's close only ``hold`` s later.
+
+    When the server ends a session (a crash, a restart, ``pg_terminate_backend``) it first sends a
+    FATAL ErrorResponse, then closes the socket.  Between the two, an idle pooled asyncpg connection
+    has consumed the error (its protocol is left in an error state) but does not look closed yet.
+    The relay widens that moment, as a slow network or a connection pooler can.
+    """
+
+    def __init__(self, host: str, port: int, hold: float) -> None:
+        self.host, self.port, self.hold = host, port, hold
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _session(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(self.host, self.port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: float) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                await asyncio.sleep(hold)
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        tasks = [asyncio.create_task(pump(client_r, server_w, 0.0)),
+                 asyncio.create_task(pump(server_r, client_w, self.hold))]
+        self.tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.difference_update(tasks)
+
+
+async def test_pooled_session_ended_by_the_server_is_not_handed_out(dsn: str) -> None:
+    """Regression (chaos run): a pooled connection whose session the server ended was handed out again.
+
+    Its next statement failed with asyncpg's ``InternalClientError('cannot switch to state 15;
+    another operation (2) is in progress')``: not a ``pgd.PgDurableError``, and not retried, so a
+    ``raise_event`` or ``start`` made just as PostgreSQL went down surfaced it to the caller (and a
+    worker's loop could hit it the same way).
+    """
+    parts = urlsplit(dsn)
+    async with _SlowCloseRelay(parts.hostname or "127.0.0.1", parts.port or 5432, hold=3.0) as port:
+        relayed = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+        async with pgd.Client(relayed, app=app) as client:
+            assert await client.list() == []  # the pool now holds one idle session
+            admin = await asyncpg.connect(dsn)
+            try:
+                ended = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = 'pgdurable_async'")
+            finally:
+                await admin.close()
+            assert ended == 1
+            await asyncio.sleep(0.5)  # the FATAL error has arrived; the close is held back
+            started = time.monotonic()
+            await client.start("chain", 1, instance_id="after-termination")  # no InternalClientError
+            assert (await client.status("after-termination")).status is pgd.Status.PENDING
+            assert time.monotonic() - started < 2.0  # a fresh session, not a wait for the close
+
+
+def test_a_session_the_server_ended_is_a_transient_database_error() -> None:
+    error = asyncpg.exceptions.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+    with pytest.raises(pgd.DatabaseError) as info, mapped_errors():
+        raise error
+    assert info.value.transient and is_transient(info.value) and is_transient(error)
+    assert str(info.value).startswith("PostgreSQL ended the session")
