@@ -166,10 +166,13 @@ class Client:
 
     # -- querying ---------------------------------------------------------------------
     async def status(self, instance_id: str) -> InstanceState:
-        """The current state of an instance; raises :class:`InstanceNotFound`."""
+        """The current state of an instance, with what it waits on; raises :class:`InstanceNotFound`."""
+        return await self._status(instance_id, waits=True)
+
+    async def _status(self, instance_id: str, *, waits: bool) -> InstanceState:
         check_id(instance_id)
         db = await self._ready()
-        state = await db.run(lambda conn: instance_store.get_instance(conn, instance_id=instance_id),
+        state = await db.run(lambda conn: instance_store.get_instance(conn, instance_id=instance_id, waits=waits),
                              transaction=False)
         if state is None:
             raise InstanceNotFound(instance_id)
@@ -194,7 +197,7 @@ class Client:
 
     async def history(self, instance_id: str, *, execution_id: int | None = None) -> builtins.list[HistoryEvent]:
         """The events of the current (or given) execution, in ``seq`` order."""
-        state = await self.status(instance_id)
+        state = await self._status(instance_id, waits=False)
         return await self.db.run(
             lambda conn: instance_store.get_history(conn, instance_id=state.instance_id, execution_id=execution_id),
             transaction=False,
@@ -260,7 +263,7 @@ class Client:
             event = anyio.Event()
             self._waiters.setdefault(instance_id, set()).add(event)
             try:
-                state = await self.status(instance_id)
+                state = await self._status(instance_id, waits=False)
                 if state.status.is_terminal:
                     return _outcome(state)
                 remaining = deadline - anyio.current_time()

@@ -83,11 +83,12 @@ SET status = u.status,
     execution_id = u.execution_id,
     history_len = u.history_len,
     input = CASE WHEN u.input IS NULL THEN i.input ELSE u.input::jsonb END,
+    event_waits = u.event_waits::jsonb,
     updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::text[],
-            $7::int[], $8::int[], $9::text[])
+            $7::int[], $8::int[], $9::text[], $10::text[])
      AS u(instance_id, status, output, error, custom_status_set, custom_status,
-          execution_id, history_len, input)
+          execution_id, history_len, input, event_waits)
 WHERE i.instance_id = u.instance_id;
 
 -- name: delete_messages
@@ -245,10 +246,35 @@ SELECT instance_id, name, status, input, output, error, custom_status, created_a
        updated_at, execution_id, parent_instance_id
 FROM instances WHERE instance_id = $1;
 
--- name: list_instances
-SELECT instance_id, name, status, input, output, error, custom_status, created_at,
-       updated_at, execution_id, parent_instance_id
-FROM instances
+-- name: instances_with_waits
+-- Instances by id (in the order given) with what the unfinished ones wait on: the
+-- commands of the current execution that have no completion yet (activities, timers,
+-- children; one pass over that execution's history) and the event waits of the last turn.
+SELECT i.instance_id, i.name, i.status, i.input, i.output, i.error, i.custom_status, i.created_at,
+       i.updated_at, i.execution_id, i.parent_instance_id,
+       CASE WHEN is_finished(i.status) THEN NULL ELSE i.event_waits END AS event_waits,
+       w.open_tasks
+FROM unnest($1::text[]) WITH ORDINALITY AS a(instance_id, n)
+JOIN instances i ON i.instance_id = a.instance_id
+LEFT JOIN LATERAL (
+    SELECT jsonb_agg(jsonb_build_object(
+               'kind', c.event_type, 'task_id', c.payload -> 'task_id', 'name', c.payload -> 'name',
+               'instance_id', c.payload -> 'instance_id', 'fire_at', c.payload -> 'fire_at',
+               'since', c.recorded_at) ORDER BY c.seq) AS open_tasks
+    FROM history c
+    WHERE c.instance_id = i.instance_id AND c.execution_id = i.execution_id
+      AND c.event_type IN ('activity_scheduled', 'timer_created', 'sub_orchestration_scheduled')
+      AND NOT EXISTS (
+          SELECT 1 FROM history d
+          WHERE d.instance_id = i.instance_id AND d.execution_id = i.execution_id
+            AND d.event_type IN ('activity_completed', 'activity_failed', 'timer_fired',
+                                 'sub_orchestration_completed', 'sub_orchestration_failed')
+            AND d.payload -> 'task_id' = c.payload -> 'task_id')
+) AS w ON NOT is_finished(i.status)
+ORDER BY a.n;
+
+-- name: list_instance_ids
+SELECT instance_id FROM instances
 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name = $2)
 ORDER BY created_at DESC, instance_id
 LIMIT $3;
@@ -281,7 +307,7 @@ WITH event AS (
     DELETE FROM timers WHERE instance_id = $1
 )
 UPDATE instances
-SET status = 'terminated', history_len = $3,
+SET status = 'terminated', history_len = $3, event_waits = NULL,
     error = $5::text::jsonb,
     updated_at = now()
 WHERE instance_id = $1;
