@@ -11,7 +11,8 @@
   nothing once the event has come.
 
 Each entry is ``{"kind", "name", "since"}`` plus ``"until"`` for timers (and events
-with a timeout), ``"task_id"`` for commands and ``"instance_id"`` for children.
+with a timeout), ``"task_id"`` for commands, ``"instance_id"`` for children and
+``"timer_task_id"`` (the history's timer of the timeout) for events with a timeout.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def waiting_on(open_tasks: Iterable[Mapping[str, Any]] | None,
         entry = {"kind": "event", "name": str(wait.get("name") or ""), "since": _time(wait.get("since"))}
         if wait.get("until") is not None:
             entry["until"] = _time(wait.get("until"))
+        if isinstance(wait.get("timer"), int):
+            entry["timer_task_id"] = wait["timer"]
         found.append(entry)
     found.sort(key=_order)
     return found

@@ -108,6 +108,10 @@ class Client:
             self._checked = True
         return self.db
 
+    async def ready_db(self) -> Database:
+        """The client's pool, once the schema is known to be current (for read-only tools: the dashboard)."""
+        return await self._ready()
+
     # -- starting ----------------------------------------------------------------
     async def start(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> InstanceHandle:
         """Start an orchestration (function or registered name); raises on a taken id."""

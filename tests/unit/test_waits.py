@@ -90,7 +90,7 @@ def test_waiting_on_joins_open_commands_and_event_waits() -> None:
         {"kind": "activity", "name": "embed", "since": T0, "task_id": 1},
         {"kind": "timer", "name": "timer #2", "since": T0, "until": later, "task_id": 2},
         {"kind": "child", "name": "child", "since": T1, "task_id": 4, "instance_id": "c-1"},
-        {"kind": "event", "name": "approval", "since": T1, "until": later},  # its timeout timer #3 folded in
+        {"kind": "event", "name": "approval", "since": T1, "until": later, "timer_task_id": 3},  # timer #3 folded in
     ]
     assert waiting_on(None, None) == []
     assert waiting_on(open_tasks[1:2], {"events": [], "timers": [2]}) == []  # an answered wait's timeout

@@ -404,3 +404,65 @@ SELECT to_regclass('schema_migrations') IS NOT NULL;
 
 -- name: schema_version
 SELECT max(version) FROM schema_migrations;
+
+-- ======================================================================================
+-- The dashboard's read-only views (pgdurable_async/dashboard, via _store/dashboard_store.py)
+-- ======================================================================================
+
+-- name: dashboard_status_counts
+SELECT status, count(*) AS n FROM instances GROUP BY status;
+
+-- name: dashboard_queues
+-- Depth of each queue; ready rows and the age of the oldest ready one (checkpoint age):
+-- orchestrator messages are ready at once, work items once visible_at has passed (a
+-- new item, a retry's backoff, or an expired lease), timers once due.
+SELECT 'orchestrator' AS queue, count(*) AS depth, count(*) AS ready, 0::bigint AS running, 0::bigint AS delayed,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_ready_age,
+       NULL::float8 AS next_due_in
+FROM orchestrator_queue
+UNION ALL
+SELECT 'work', count(*), count(*) FILTER (WHERE visible_at <= now()),
+       count(*) FILTER (WHERE visible_at > now() AND lease_token IS NOT NULL),
+       count(*) FILTER (WHERE visible_at > now() AND lease_token IS NULL),
+       coalesce(extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now())), 0)::float8,
+       extract(epoch FROM min(visible_at) FILTER (WHERE visible_at > now() AND lease_token IS NULL) - now())::float8
+FROM work_queue
+UNION ALL
+SELECT 'timers', count(*), count(*) FILTER (WHERE fire_at <= now()), 0, count(*) FILTER (WHERE fire_at > now()),
+       coalesce(extract(epoch FROM now() - min(fire_at) FILTER (WHERE fire_at <= now())), 0)::float8,
+       extract(epoch FROM min(fire_at) FILTER (WHERE fire_at > now()) - now())::float8
+FROM timers;
+
+-- name: dashboard_throughput
+-- Facts per minute over the last $1 minutes (the BRIN index on recorded_at finds them).
+SELECT date_trunc('minute', recorded_at) AS minute, event_type, count(*) AS n
+FROM history
+WHERE recorded_at >= date_trunc('minute', now()) - make_interval(mins => $1 - 1)
+  AND event_type IN ('orchestration_started', 'orchestration_completed', 'orchestration_failed',
+                     'activity_completed', 'activity_failed')
+GROUP BY 1, 2;
+
+-- name: dashboard_recent_failures
+SELECT instance_id, name, error, updated_at FROM instances
+WHERE status = 'failed'
+ORDER BY updated_at DESC, instance_id
+LIMIT $1;
+
+-- name: dashboard_page
+-- One page of instances, newest first, after the keyset cursor ($4, $5); $3 is an ILIKE
+-- pattern on the id or the name.  Fetches one row more than the page, to know if there is a next.
+SELECT instance_id, created_at FROM instances
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name = $2)
+  AND ($3::text IS NULL OR instance_id ILIKE $3 OR name ILIKE $3)
+  AND ($4::timestamptz IS NULL OR (created_at, instance_id) < ($4, $5::text))
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $6;
+
+-- name: dashboard_work_items
+-- The live attempts of an instance's outstanding activities (retries happen in the queue).
+SELECT task_id, attempt, visible_at, lease_token IS NOT NULL AND visible_at > now() AS running
+FROM work_queue
+WHERE instance_id = $1 AND execution_id = $2;
+
+-- name: dashboard_now
+SELECT now();
