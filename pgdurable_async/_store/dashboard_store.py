@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
+import asyncpg
+
 from .database import Connection
 from .sql_loader import q
 
@@ -46,9 +48,12 @@ async def status_counts(conn: Connection) -> dict[str, int]:
     return {r["status"]: int(r["n"]) for r in await conn.fetch(q("dashboard_status_counts"))}
 
 
-async def queues(conn: Connection) -> list[QueueStats]:
-    """The orchestrator, work and timer queues, in that order."""
-    return [QueueStats(*r) for r in await conn.fetch(q("dashboard_queues"))]
+async def queues(conn: Connection) -> list[QueueStats] | None:
+    """The orchestrator, work and timer queues, in that order; None for a role that may not read them."""
+    try:
+        return [QueueStats(*r) for r in await conn.fetch(q("dashboard_queues"))]
+    except asyncpg.InsufficientPrivilegeError:
+        return None
 
 
 async def throughput(conn: Connection, *, minutes: int) -> dict[tuple[datetime, str], int]:
@@ -73,8 +78,12 @@ async def page(
 
 
 async def work_attempts(conn: Connection, *, instance_id: str, execution_id: int) -> dict[int, WorkAttempt]:
-    """The current attempt of each outstanding activity of an execution, by task id."""
-    rows = await conn.fetch(q("dashboard_work_items"), instance_id, execution_id)
+    """The current attempt of each outstanding activity of an execution, by task id (none for a
+    role that may not read the work queue: the history still tells the rest)."""
+    try:
+        rows = await conn.fetch(q("dashboard_work_items"), instance_id, execution_id)
+    except asyncpg.InsufficientPrivilegeError:
+        return {}
     return {r["task_id"]: WorkAttempt(*r) for r in rows}
 
 

@@ -14,6 +14,7 @@ import pytest
 import pgdurable_async as pgd
 from pgdurable_async.dashboard import create_app
 from tests.integration.dashboard_app import app, pipeline, waiter
+from tests.integration.test_roles import roles  # noqa: F401 - a fixture: a worker and a client role
 
 TOKEN = "s3cret-token"
 
@@ -175,3 +176,16 @@ async def test_actions_are_refused_unless_enabled_and_authorised(dsn: str) -> No
             assert r.status_code == 400
             r = await http.post("/api/instances/a1/terminate", json={"reason": 5}, headers=good)
             assert r.status_code == 400
+
+
+async def test_a_client_role_sees_instances_but_not_queues(roles: tuple[str, str]) -> None:  # noqa: F811
+    worker_dsn, client_dsn = roles
+    async with pgd.Runtime(app, worker_dsn) as runtime:
+        await runtime.client.start(waiter, None, instance_id="r1")
+        async with web(client_dsn) as http:
+            await _waiting(http, "r1", 2)  # waiting_on needs only instances and history
+            overview = (await http.get("/")).text
+            assert "may not read the queues" in overview and 'data-status="running"' in overview
+            assert (await http.get("/instances/r1")).status_code == 200
+        async with web(worker_dsn) as http:
+            assert 'data-queue="timers"' in (await http.get("/")).text

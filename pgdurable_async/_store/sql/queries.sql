@@ -262,7 +262,8 @@ LEFT JOIN LATERAL (
                'instance_id', c.payload -> 'instance_id', 'fire_at', c.payload -> 'fire_at',
                'since', c.recorded_at) ORDER BY c.seq) AS open_tasks
     FROM history c
-    WHERE c.instance_id = i.instance_id AND c.execution_id = i.execution_id
+    WHERE NOT is_finished(i.status)  -- first: a finished instance's history is not read at all
+      AND c.instance_id = i.instance_id AND c.execution_id = i.execution_id
       AND c.event_type IN ('activity_scheduled', 'timer_created', 'sub_orchestration_scheduled')
       AND NOT EXISTS (
           SELECT 1 FROM history d
@@ -270,7 +271,7 @@ LEFT JOIN LATERAL (
             AND d.event_type IN ('activity_completed', 'activity_failed', 'timer_fired',
                                  'sub_orchestration_completed', 'sub_orchestration_failed')
             AND d.payload -> 'task_id' = c.payload -> 'task_id')
-) AS w ON NOT is_finished(i.status)
+) AS w ON true
 ORDER BY a.n;
 
 -- name: list_instance_ids
