@@ -137,14 +137,12 @@ async def instance(client: Client, instance_id: str, app: App | None = None) -> 
     """State, waits (with live attempts), timeline, graph and history of one instance."""
     state = await client.status(instance_id)
     history = await client.history(instance_id)
-    attempts: dict[int, store.WorkAttempt] = {}
 
-    async def read(conn: Any) -> datetime:
-        nonlocal attempts
-        attempts = await store.work_attempts(conn, instance_id=instance_id, execution_id=state.execution_id)
-        return await store.now(conn)
+    async def read(conn: Any) -> tuple[dict[int, store.WorkAttempt], datetime]:
+        live = await store.work_attempts(conn, instance_id=instance_id, execution_id=state.execution_id)
+        return live, await store.now(conn)
 
-    now = await client.db.run(read, transaction=False)
+    attempts, now = await client.db.run(read, transaction=False)
     finished = state.status.is_terminal
     timeouts = {w["timer_task_id"]: w["name"] for w in state.waiting_on if "timer_task_id" in w}
     timeline = _timeline.build(history, finished=finished, now=now, attempts=attempts, timeouts=timeouts)

@@ -88,3 +88,17 @@ def test_throughput_charts_stack_per_minute() -> None:
     last = activities["columns"][-1]
     assert [s["n"] for s in last["segments"]] == [14, 1] and last["segments"][1]["y"] < last["segments"][0]["y"]
     assert len(instances["columns"]) == 30 and instances["total"] == 15  # started are not finished
+
+
+def test_the_dashboard_is_optional_and_exports_create_app() -> None:
+    import subprocess
+    import sys
+
+    import pgdurable_async.dashboard as dashboard
+
+    assert dashboard.__all__ == ["create_app"]
+    web = ("pgdurable_async.dashboard", "starlette", "uvicorn", "jinja2")
+    probe = ("import sys, pgdurable_async, pgdurable_async._runtime, pgdurable_async._client; "
+             f"print(sorted(m for m in {web!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"  # the library never loads the web stack
