@@ -108,7 +108,8 @@ def format_waits(waits: Sequence[dict[str, Any]]) -> list[str]:
     """One line per entry of ``InstanceState.waiting_on``: kind, name, since and until."""
     lines = []
     for wait in waits:
-        text = f"{wait['kind']} {cell(wait['name'], 60)}"
+        name = cell(wait["name"], 60)
+        text = name if wait["kind"] == "timer" else f"{wait['kind']} {name}"  # a timer's name says it
         if wait.get("instance_id"):
             text += f" ({cell(wait['instance_id'], 60)})"
         text += f" since {iso(wait.get('since'))}"
