@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,15 +34,38 @@ _HEADERS = [
 _STATIC = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Dashboard:
-    """What every handler needs: the client, the settings, the templates."""
+    """What every handler needs: the client, the settings, the templates.
 
-    client: Client
+    A client the dashboard made itself is remade when requests arrive on another event loop
+    (a pool belongs to one loop: Starlette's ``TestClient`` without ``with`` runs each request
+    on a loop of its own); a client handed in is the caller's to manage.
+    """
+
     allow_actions: bool
     token: str | None
     app: App | None
     templates: Environment
+    given: Client | None
+    dsn: str | None
+    schema: str
+    _client: Client | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def client(self) -> Client:
+        if self.given is not None:
+            return self.given
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client, self._loop = Client(self.dsn, schema=self.schema), loop
+        return self._client
+
+    async def close(self) -> None:
+        if self.given is None and self._client is not None and self._loop is asyncio.get_running_loop():
+            client, self._client = self._client, None
+            await client.close()
 
     def render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         base = request.scope.get("root_path", "")
@@ -113,16 +137,16 @@ def create_app(
     """
     if allow_actions and not token:
         raise ConfigurationError("the dashboard's actions need a token (--token or PGDURABLE_DASHBOARD_TOKEN)")
-    owned = client is None
-    the_client = client if client is not None else Client(dsn, schema=schema)
+    if client is None and not dsn:
+        raise ConfigurationError("the dashboard needs a DSN (postgresql://user@host:port/dbname) or a client")
+    dashboard = Dashboard(allow_actions, token, app, _templates(), client, dsn, schema)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            if owned:
-                await the_client.close()
+            await dashboard.close()
 
     routes = [
         Route("/", _pages.overview),
@@ -143,5 +167,5 @@ def create_app(
     }
     starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
                           middleware=[Middleware(_SecurityHeaders)])
-    starlette.state.dashboard = Dashboard(the_client, allow_actions, token, app, _templates())
+    starlette.state.dashboard = dashboard
     return starlette

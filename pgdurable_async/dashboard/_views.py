@@ -79,7 +79,7 @@ def _like(text: str) -> str:
 
 @dataclass
 class Filters:
-    """The ``status``, ``name``, ``q``, ``cursor`` and ``limit`` query parameters, checked."""
+    """The ``status``, ``name``, ``q``, ``cursor`` (or ``after``, ``next``) and ``limit`` query parameters, checked."""
 
     status: str | None = None
     name: str | None = None
@@ -100,7 +100,7 @@ class Filters:
             raise InvalidArgument(f"limit must be an integer, not {raw_limit!r}") from None
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-        cursor = params.get("cursor") or params.get("after") or None
+        cursor = params.get("cursor") or params.get("after") or params.get("next") or None
         return cls(status, params.get("name") or None, params.get("q") or None, cursor, limit,
                    decode_cursor(cursor) if cursor else None)
 

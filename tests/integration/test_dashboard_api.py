@@ -27,7 +27,7 @@ async def web(dsn: str, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://dashboard") as http:
             yield http
     finally:
-        await asgi.state.dashboard.client.close()
+        await asgi.state.dashboard.close()
 
 
 def _iso(value: Any) -> datetime:

@@ -75,7 +75,7 @@ async def test_hostile_ids_names_and_data_are_escaped_everywhere(dsn: str) -> No
                 assert "&lt;script&gt;alert(&#39;error&#39;)" in (await http.get(pages["failed"])).text
                 assert "&lt;script&gt;alert(&#39;error&#39;)" in (await http.get("/")).text  # recent failures
         finally:
-            await asgi.state.dashboard.client.close()
+            await asgi.state.dashboard.close()
 
 
 def _quote(text: str) -> str:
