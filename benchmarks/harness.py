@@ -452,7 +452,7 @@ class _Floor:
             now = datetime.now(UTC)
             history: list[tuple[str, int, int, str, str, datetime]] = []
             work: list[tuple[str, int, int, str, str, str, str | None]] = []
-            updates: list[tuple[str, str, str | None, None, bool, None, int, int, None]] = []
+            updates: list[tuple[str, str, str | None, None, bool, None, int, int, None, None]] = []
             consumed: list[int] = []
             finished: list[str] = []
             for row in rows:
@@ -469,7 +469,7 @@ class _Floor:
                 if output is not None:
                     finished.append(iid)
                 updates.append((iid, "running" if output is None else "completed", output, None, False, None, exe,
-                                seq, None))
+                                seq, None, None))
             if history:
                 await conn.execute(q("append_history"), *_columns(history, 6))
             if work:
@@ -477,7 +477,7 @@ class _Floor:
             if finished:
                 await conn.execute(q("drop_pending_work"), finished)
             if updates:
-                await conn.execute(q("update_instances"), *_columns(updates, 9))
+                await conn.execute(q("update_instances"), *_columns(updates, 10))
             if consumed:
                 await conn.execute(q("delete_messages"), consumed)
             self.turns += len(updates)

@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0011, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0012, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -63,7 +63,8 @@ CREATE TABLE instances (
     history_len         integer NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
-    submitted_by        oid                 -- graph instances: the role that submitted them (df.start)
+    submitted_by        oid,                -- graph instances: the role that submitted them (df.start)
+    event_waits         jsonb               -- what history cannot say it waits on (events), after the last turn
 );
 CREATE INDEX instances_status_name ON instances (status, name);
 CREATE INDEX instances_created ON instances (created_at DESC);
@@ -78,6 +79,8 @@ CREATE TABLE history (
     recorded_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (instance_id, execution_id, seq)
 );
+-- Recent history by time (the dashboard's throughput): appended in time order, so BRIN.
+CREATE INDEX history_recorded_brin ON history USING brin (recorded_at);
 
 -- Messages that drive turns: each row becomes one history event.
 CREATE TABLE orchestrator_queue (

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, parent?}
 ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input}
-ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result}
+ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result, attempts}
 ACTIVITY_FAILED: Final = "activity_failed"  # {task_id, error, attempts}
 TIMER_CREATED: Final = "timer_created"  # {task_id, fire_at}
 TIMER_FIRED: Final = "timer_fired"  # {task_id}

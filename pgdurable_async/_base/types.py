@@ -62,7 +62,12 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class InstanceState:
-    """A snapshot of one instance, as returned by ``Client.status`` and ``Client.list``."""
+    """A snapshot of one instance, as returned by ``Client.status`` and ``Client.list``.
+
+    ``waiting_on`` lists what an unfinished instance is blocked on, oldest first: dicts
+    ``{"kind": "activity" | "timer" | "event" | "child", "name": str, "since": datetime}``,
+    with ``"until"`` for timers (and events with a timeout); empty once it has finished.
+    """
 
     instance_id: str
     name: str
@@ -75,6 +80,7 @@ class InstanceState:
     updated_at: datetime
     execution_id: int = 1
     parent_instance_id: str | None = None
+    waiting_on: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

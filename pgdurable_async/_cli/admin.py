@@ -94,12 +94,29 @@ def format_state(state: InstanceState) -> str:
         ("custom_status", cell(state.custom_status, 200)),
         ("error", _error_text(state.error) if state.error is not None else "-"),
     ]
+    waits = format_waits(state.waiting_on)
+    rows += [("waiting_on" if i == 0 else "", line) for i, line in enumerate(waits or ["-"])]
     width = max(len(k) for k, _ in rows)
     text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
     trace = state.error.get("traceback") if isinstance(state.error, dict) else None
     if trace:
         text += "\n" + "\n".join("    " + line for line in str(trace).rstrip().splitlines())
     return text
+
+
+def format_waits(waits: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per entry of ``InstanceState.waiting_on``: kind, name, since and until."""
+    lines = []
+    for wait in waits:
+        name = cell(wait["name"], 60)
+        text = name if wait["kind"] == "timer" else f"{wait['kind']} {name}"  # a timer's name says it
+        if wait.get("instance_id"):
+            text += f" ({cell(wait['instance_id'], 60)})"
+        text += f" since {iso(wait.get('since'))}"
+        if wait.get("until") is not None:
+            text += f" until {iso(wait['until'])}"
+        lines.append(text)
+    return lines
 
 
 def _print(text: str) -> None:

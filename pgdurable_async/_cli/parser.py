@@ -9,6 +9,7 @@ from typing import NoReturn
 from .._base.types import Status
 from .._base.version import __version__
 from . import admin
+from .dashboard import cmd_dashboard
 from .devtools import DSN_ENV, cmd_bench, cmd_demo
 from .worker import cmd_migrate, cmd_worker
 
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("graph", admin.cmd_graph, "print a graph workflow as Mermaid with each node's state")
     p.add_argument("id", help="instance id")
     p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")
+    p = add("dashboard", cmd_dashboard, "serve the web dashboard (needs the [dashboard] extra)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    p.add_argument("--port", type=port, default=8321, help="port to listen on (default: %(default)s)")
+    p.add_argument("--allow-actions", action="store_true",
+                   help="enable cancel / terminate / raise-event (they need the token)")
+    p.add_argument("--token", help="bearer token for the actions (default: $PGDURABLE_DASHBOARD_TOKEN, else generated)")
+    p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App, to draw its App.graph workflows")
     p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress, or a graph example", needs_dsn=False)
     p.add_argument(
         "name",
@@ -119,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _json_flag(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
 
 
 def count(text: str) -> int:

@@ -124,6 +124,10 @@ class Client:
             self._checked = True
         return self.db
 
+    async def ready_db(self) -> Database:
+        """The client's pool, once the schema is known to be current (for read-only tools: the dashboard)."""
+        return await self._ready()
+
     # -- starting ----------------------------------------------------------------
     async def start(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> InstanceHandle:
         """Start an orchestration (function or registered name); raises on a taken id."""
@@ -189,10 +193,13 @@ class Client:
 
     # -- querying ---------------------------------------------------------------------
     async def status(self, instance_id: str) -> InstanceState:
-        """The current state of an instance; raises :class:`InstanceNotFound`."""
+        """The current state of an instance, with what it waits on; raises :class:`InstanceNotFound`."""
+        return await self._status(instance_id, waits=True)
+
+    async def _status(self, instance_id: str, *, waits: bool) -> InstanceState:
         check_id(instance_id)
         db = await self._ready()
-        state = await db.run(lambda conn: instance_store.get_instance(conn, instance_id=instance_id),
+        state = await db.run(lambda conn: instance_store.get_instance(conn, instance_id=instance_id, waits=waits),
                              transaction=False)
         if state is None:
             raise InstanceNotFound(instance_id)
@@ -217,7 +224,7 @@ class Client:
 
     async def history(self, instance_id: str, *, execution_id: int | None = None) -> builtins.list[HistoryEvent]:
         """The events of the current (or given) execution, in ``seq`` order."""
-        state = await self.status(instance_id)
+        state = await self._status(instance_id, waits=False)
         return await self.db.run(
             lambda conn: instance_store.get_history(conn, instance_id=state.instance_id, execution_id=execution_id),
             transaction=False,
@@ -285,7 +292,7 @@ class Client:
             event = anyio.Event()
             self._waiters.setdefault(instance_id, set()).add(event)
             try:
-                state = await self.status(instance_id)
+                state = await self._status(instance_id, waits=False)
                 if state.status.is_terminal:
                     return _outcome(state)
                 remaining = deadline - anyio.current_time()

@@ -77,6 +77,7 @@ class Execution:
         self._ready: deque[tuple[_Fiber, BaseException | None]] = deque()
         self._main: _Fiber | None = None
         self._waiters: dict[str, deque[EventTask[Any]]] = {}
+        self._timeout_timers: list[TimerTask] = []  # the timers of event timeouts, until they fire
         self._inbox: dict[str, deque[Any]] = {}
         self._new: list[Event] = []
         self.unapplied: list[tuple[str, dict[str, Any]]] = []
@@ -171,6 +172,30 @@ class Execution:
                 self._nondeterminism(f"malformed history event {event.kind!r}: {exc}")
                 return
 
+    def event_waits(self) -> dict[str, Any] | None:
+        """What history cannot say: the ``wait_for_event`` calls blocked now, and the timers
+        that are only event timeouts (the user never asked for them), or None for neither.
+
+        ``{"events": [{name, since, until?, timer?}], "timers": [task ids]}``; a turn stores it
+        beside the instance row for ``InstanceState.waiting_on``.
+        """
+        if self.stopped:
+            return None
+        self._timeout_timers = [t for t in self._timeout_timers if not t.done()]
+        events = []
+        for name, waiters in self._waiters.items():
+            for task in waiters:
+                if task.done():
+                    continue
+                wait: dict[str, Any] = {"name": name, "since": (task.since or self.now).isoformat()}
+                if task.timeout_at is not None:
+                    wait["until"] = task.timeout_at.isoformat()
+                if task.timer is not None and task.timer.task_id is not None:
+                    wait["timer"] = task.timer.task_id
+                events.append(wait)
+        timers = [t.task_id for t in self._timeout_timers if t.task_id is not None]
+        return {"events": events, "timers": timers} if events or timers else None
+
     def pending_events(self) -> list[dict[str, Any]]:
         """Raised events nobody has consumed yet (carried over by continue_as_new)."""
         return [{"name": n, "data": d} for n, queue in self._inbox.items() for d in queue]
@@ -212,10 +237,13 @@ class Execution:
             task._resolve(inbox.popleft())
             return
         self._waiters.setdefault(task.name, deque()).append(task)
+        task.since = self.now
         if task.timeout_at is not None:
             timer = TimerTask(self, task.timeout_at)
             timer.on_fire = lambda: self._event_timed_out(task)
+            task.timer = timer
             timer._start()
+            self._timeout_timers.append(timer)
 
     def unsubscribe(self, task: EventTask[Any]) -> None:
         waiters = self._waiters.get(task.name)

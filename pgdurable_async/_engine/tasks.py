@@ -134,11 +134,13 @@ class ChildTask(Task[T]):
 class EventTask(Task[T]):
     """``ctx.wait_for_event``: resolved by the next matching raised event, or times out."""
 
-    __slots__ = ("name", "timeout_at")
+    __slots__ = ("name", "timeout_at", "since", "timer")
 
     def __init__(self, engine: Execution, name: str, timeout_at: datetime | None) -> None:
         super().__init__(engine)
         self.name, self.timeout_at = name, timeout_at
+        self.since: datetime | None = None  # set when it subscribes (history time)
+        self.timer: TimerTask | None = None  # its timeout timer, if any
 
     def _on_start(self) -> None:
         self._engine.subscribe(self)

@@ -71,6 +71,11 @@ def node_states(
 
 
 def _label(node: dict[str, Any]) -> str:
+    return node_label(node).replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+
+
+def node_label(node: dict[str, Any]) -> str:
+    """A node's type and its gist (query, name, duration...), at most 60 characters, as plain text."""
     kind = node["type"]
     detail = {
         "sql": node.get("query"),
@@ -89,7 +94,7 @@ def _label(node: dict[str, Any]) -> str:
     text = kind if not detail else f"{kind}: {' '.join(str(detail).split())}"
     if len(text) > 60:
         text = text[:57] + "..."
-    return text.replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+    return text
 
 
 def _edge_label(parent: dict[str, Any], index: int) -> str:

@@ -162,7 +162,8 @@ class ActivityWorker:
         except SerializationError as exc:
             payload = ev.activity_failed(item.task_id, ev.error_payload(exc), item.attempt)
             return Outcome(item, ev.ACTIVITY_FAILED, dumps(payload))
-        return Outcome(item, ev.ACTIVITY_COMPLETED, f'{{"task_id":{item.task_id},"result":{body}}}')
+        done = f'{{"task_id":{item.task_id},"attempts":{item.attempt},"result":{body}}}'
+        return Outcome(item, ev.ACTIVITY_COMPLETED, done)
 
     def _failure(self, definition: ActivityDef, item: WorkItem, exc: BaseException) -> Outcome:
         policy = item.retry or definition.retry

@@ -326,8 +326,10 @@ class TurnProcessor:
                                             next_input))
         else:
             custom = dumps(execution.custom_status) if execution.custom_status_changed else None
+            waits = execution.event_waits()
             w.updates.append(InstanceUpdate(instance_id, status, output, error, execution.custom_status_changed,
-                                            custom, execution_id, base + len(events), None))
+                                            custom, execution_id, base + len(events), None,
+                                            None if waits is None else dumps(waits)))
         execution.custom_status_changed = False
 
     async def _check_names(self, conn: Connection, w: _Writes) -> None:

@@ -7,6 +7,7 @@ instance) become the project's errors here.
 from __future__ import annotations
 
 import builtins
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ from .._base import events as ev
 from .._base.errors import GraphError, InstanceAlreadyExists, InstanceNotFound, PgDurableError
 from .._base.serde import dumps
 from .._base.types import HistoryEvent, InstanceState, Status
+from .._base.waits import waiting_on
 from .database import Connection
 from .records import MessageWrite
 from .sql_loader import q
@@ -57,16 +59,27 @@ async def send(conn: Connection, *, instance_id: str, kind: str, payload_json: s
         raise InstanceNotFound(instance_id) from None
 
 
-async def get_instance(conn: Connection, *, instance_id: str) -> InstanceState | None:
-    row = await conn.fetchrow(q("get_instance"), instance_id)
-    return None if row is None else _state(row)
+async def get_instance(conn: Connection, *, instance_id: str, waits: bool = True) -> InstanceState | None:
+    """One instance; with ``waits``, what it waits on too (one statement, one snapshot)."""
+    if not waits:
+        row = await conn.fetchrow(q("get_instance"), instance_id)
+        return None if row is None else _state(row)
+    found = await get_instances(conn, instance_ids=[instance_id])
+    return found[0] if found else None
+
+
+async def get_instances(conn: Connection, *, instance_ids: builtins.list[str]) -> builtins.list[InstanceState]:
+    """These instances (in the order given, unknown ids left out), each with its ``waiting_on``."""
+    rows = await conn.fetch(q("instances_with_waits"), instance_ids)
+    return [replace(_state(r), waiting_on=waiting_on(r["open_tasks"], r["event_waits"])) for r in rows]
 
 
 async def list_instances(
     conn: Connection, *, status: str | None, name: str | None, limit: int
 ) -> builtins.list[InstanceState]:
     """Instances, newest first, optionally filtered by status and orchestration name."""
-    return [_state(r) for r in await conn.fetch(q("list_instances"), status, name, limit)]
+    ids = [r["instance_id"] for r in await conn.fetch(q("list_instance_ids"), status, name, limit)]
+    return await get_instances(conn, instance_ids=ids)
 
 
 async def get_history(conn: Connection, *, instance_id: str, execution_id: int | None) -> list[HistoryEvent]:

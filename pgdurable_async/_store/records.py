@@ -109,7 +109,8 @@ class MessageWrite(NamedTuple):
 
 
 class InstanceUpdate(NamedTuple):
-    """The instance row after a turn.  ``input`` is set when a new execution starts."""
+    """The instance row after a turn.  ``input`` is set when a new execution starts;
+    ``event_waits`` (JSON) is ``Execution.event_waits()``: what history cannot say it waits on."""
 
     instance_id: str
     status: str
@@ -120,6 +121,7 @@ class InstanceUpdate(NamedTuple):
     execution_id: int
     history_len: int
     input: str | None
+    event_waits: str | None = None
 
 
 class Outcome(NamedTuple):

@@ -101,7 +101,7 @@ async def enqueue_messages(conn: Connection, rows: list[MessageWrite]) -> None:
 
 
 async def update_instances(conn: Connection, rows: list[InstanceUpdate]) -> None:
-    await conn.execute(q("update_instances"), *columns(rows, 9))
+    await conn.execute(q("update_instances"), *columns(rows, 10))
 
 
 async def delete_messages(conn: Connection, *, ids: list[int]) -> None:

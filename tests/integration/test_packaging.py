@@ -26,4 +26,7 @@ def test_wheel_ships_schema_queries_and_examples_but_no_benchmark(tmp_path: Path
     examples = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
     assert examples and {f"pgdurable_async/examples/{e}" for e in examples} <= names
     assert "pgdurable_async/py.typed" in names
+    dashboard = ROOT / "pgdurable_async" / "dashboard"  # its templates, CSS and JS are package data
+    assets = {str(p.relative_to(ROOT)) for p in [*dashboard.glob("templates/*.html"), *dashboard.glob("static/*")]}
+    assert len(assets) >= 6 and assets <= names
     assert not [n for n in names if "bench" in n or n.startswith(("tests/", "benchmarks/"))]

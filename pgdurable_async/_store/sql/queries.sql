@@ -88,11 +88,12 @@ SET status = u.status,
     execution_id = u.execution_id,
     history_len = u.history_len,
     input = CASE WHEN u.input IS NULL THEN i.input ELSE u.input::jsonb END,
+    event_waits = u.event_waits::jsonb,
     updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::text[],
-            $7::int[], $8::int[], $9::text[])
+            $7::int[], $8::int[], $9::text[], $10::text[])
      AS u(instance_id, status, output, error, custom_status_set, custom_status,
-          execution_id, history_len, input)
+          execution_id, history_len, input, event_waits)
 WHERE i.instance_id = u.instance_id;
 
 -- name: delete_messages
@@ -277,10 +278,36 @@ SELECT instance_id, name, status, input, output, error, custom_status, created_a
        updated_at, execution_id, parent_instance_id
 FROM instances WHERE instance_id = $1;
 
--- name: list_instances
-SELECT instance_id, name, status, input, output, error, custom_status, created_at,
-       updated_at, execution_id, parent_instance_id
-FROM instances
+-- name: instances_with_waits
+-- Instances by id (in the order given) with what the unfinished ones wait on: the
+-- commands of the current execution that have no completion yet (activities, timers,
+-- children; one pass over that execution's history) and the event waits of the last turn.
+SELECT i.instance_id, i.name, i.status, i.input, i.output, i.error, i.custom_status, i.created_at,
+       i.updated_at, i.execution_id, i.parent_instance_id,
+       CASE WHEN is_finished(i.status) THEN NULL ELSE i.event_waits END AS event_waits,
+       w.open_tasks
+FROM unnest($1::text[]) WITH ORDINALITY AS a(instance_id, n)
+JOIN instances i ON i.instance_id = a.instance_id
+LEFT JOIN LATERAL (
+    SELECT jsonb_agg(jsonb_build_object(
+               'kind', c.event_type, 'task_id', c.payload -> 'task_id', 'name', c.payload -> 'name',
+               'instance_id', c.payload -> 'instance_id', 'fire_at', c.payload -> 'fire_at',
+               'since', c.recorded_at) ORDER BY c.seq) AS open_tasks
+    FROM history c
+    WHERE NOT is_finished(i.status)  -- first: a finished instance's history is not read at all
+      AND c.instance_id = i.instance_id AND c.execution_id = i.execution_id
+      AND c.event_type IN ('activity_scheduled', 'timer_created', 'sub_orchestration_scheduled')
+      AND NOT EXISTS (
+          SELECT 1 FROM history d
+          WHERE d.instance_id = i.instance_id AND d.execution_id = i.execution_id
+            AND d.event_type IN ('activity_completed', 'activity_failed', 'timer_fired',
+                                 'sub_orchestration_completed', 'sub_orchestration_failed')
+            AND d.payload -> 'task_id' = c.payload -> 'task_id')
+) AS w ON true
+ORDER BY a.n;
+
+-- name: list_instance_ids
+SELECT instance_id FROM instances
 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name = $2)
 ORDER BY created_at DESC, instance_id
 LIMIT $3;
@@ -313,7 +340,7 @@ WITH event AS (
     DELETE FROM timers WHERE instance_id = $1
 )
 UPDATE instances
-SET status = 'terminated', history_len = $3,
+SET status = 'terminated', history_len = $3, event_waits = NULL,
     error = $5::text::jsonb,
     updated_at = now()
 WHERE instance_id = $1;
@@ -413,3 +440,65 @@ SELECT to_regclass('schema_migrations') IS NOT NULL;
 
 -- name: schema_version
 SELECT max(version) FROM schema_migrations;
+
+-- ======================================================================================
+-- The dashboard's read-only views (pgdurable_async/dashboard, via _store/dashboard_store.py)
+-- ======================================================================================
+
+-- name: dashboard_status_counts
+SELECT status, count(*) AS n FROM instances GROUP BY status;
+
+-- name: dashboard_queues
+-- Depth of each queue; ready rows and the age of the oldest ready one (checkpoint age):
+-- orchestrator messages are ready at once, work items once visible_at has passed (a
+-- new item, a retry's backoff, or an expired lease), timers once due.
+SELECT 'orchestrator' AS queue, count(*) AS depth, count(*) AS ready, 0::bigint AS running, 0::bigint AS delayed,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_ready_age,
+       NULL::float8 AS next_due_in
+FROM orchestrator_queue
+UNION ALL
+SELECT 'work', count(*), count(*) FILTER (WHERE visible_at <= now()),
+       count(*) FILTER (WHERE visible_at > now() AND lease_token IS NOT NULL),
+       count(*) FILTER (WHERE visible_at > now() AND lease_token IS NULL),
+       coalesce(extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now())), 0)::float8,
+       extract(epoch FROM min(visible_at) FILTER (WHERE visible_at > now() AND lease_token IS NULL) - now())::float8
+FROM work_queue
+UNION ALL
+SELECT 'timers', count(*), count(*) FILTER (WHERE fire_at <= now()), 0, count(*) FILTER (WHERE fire_at > now()),
+       coalesce(extract(epoch FROM now() - min(fire_at) FILTER (WHERE fire_at <= now())), 0)::float8,
+       extract(epoch FROM min(fire_at) FILTER (WHERE fire_at > now()) - now())::float8
+FROM timers;
+
+-- name: dashboard_throughput
+-- Facts per minute over the last $1 minutes (the BRIN index on recorded_at finds them).
+SELECT date_trunc('minute', recorded_at) AS minute, event_type, count(*) AS n
+FROM history
+WHERE recorded_at >= date_trunc('minute', now()) - make_interval(mins => $1 - 1)
+  AND event_type IN ('orchestration_started', 'orchestration_completed', 'orchestration_failed',
+                     'activity_completed', 'activity_failed')
+GROUP BY 1, 2;
+
+-- name: dashboard_recent_failures
+SELECT instance_id, name, error, updated_at FROM instances
+WHERE status = 'failed'
+ORDER BY updated_at DESC, instance_id
+LIMIT $1;
+
+-- name: dashboard_page
+-- One page of instances, newest first, after the keyset cursor ($4, $5); $3 is an ILIKE
+-- pattern on the id or the name.  Fetches one row more than the page, to know if there is a next.
+SELECT instance_id, created_at FROM instances
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name = $2)
+  AND ($3::text IS NULL OR instance_id ILIKE $3 OR name ILIKE $3)
+  AND ($4::timestamptz IS NULL OR (created_at, instance_id) < ($4, $5::text))
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $6;
+
+-- name: dashboard_work_items
+-- The live attempts of an instance's outstanding activities (retries happen in the queue).
+SELECT task_id, attempt, visible_at, lease_token IS NOT NULL AND visible_at > now() AS running
+FROM work_queue
+WHERE instance_id = $1 AND execution_id = $2;
+
+-- name: dashboard_now
+SELECT now();
