@@ -69,10 +69,13 @@ class Execution:
         self.replaying = False
         self.custom_status: Any = None
         self.custom_status_changed = False
+        self.values: dict[str, Any] = {}  # ctx.set_value, as recorded so far
         self.outcome: Event | None = None  # the terminal event, once there is one
         self._next_task_id = 1
         self._tasks: dict[int, Task[Any]] = {}
         self._recorded_commands: dict[int, Event] = {}
+        self._replayed_commands: dict[int, Event] = {}  # recorded commands the code issued again
+        self._last_recorded: str | None = None  # kind of the last recorded event replayed
         self._versions: dict[str, int] = {}
         self._ready: deque[tuple[_Fiber, BaseException | None]] = deque()
         self._main: _Fiber | None = None
@@ -91,6 +94,25 @@ class Execution:
         return self.outcome is not None
 
     @property
+    def fault(self) -> NonDeterminismError | None:
+        """Why replay disagreed with the history (None while it agrees)."""
+        return self._fault
+
+    @property
+    def resumable(self) -> bool:
+        """True when the history ends with ``forked_from``: a fork whose first turn has not run."""
+        return self._last_recorded == ev.FORKED_FROM and not self.stopped
+
+    def open_commands(self) -> list[Event]:
+        """Recorded commands whose tasks have no result yet, in task order.
+
+        A fork's first turn re-issues them: the copied history holds their
+        ``*_scheduled`` / ``timer_created`` events, but no work item, timer or child.
+        """
+        return [event for task_id, event in sorted(self._replayed_commands.items())
+                if not self._tasks[task_id].done()]
+
+    @property
     def stopped(self) -> bool:
         """True once nothing more may be recorded: after a fault, the end, or :meth:`close`."""
         return self._fault is not None or self.outcome is not None or self.closing
@@ -103,6 +125,7 @@ class Execution:
         for event in events:
             self._remaining_recorded -= 1
             self.history_len += 1
+            self._last_recorded = event.kind
             if self._fault is None and self.outcome is None:
                 self._apply(event, recorded=True)
                 self._settle(final=False)
@@ -156,7 +179,8 @@ class Execution:
         return new
 
     def _index(self, events: list[Event]) -> None:
-        """Collect the recorded commands (by task id) and version markers."""
+        """Collect the recorded commands (by task id), version markers and a fork's seed."""
+        forked = False
         for event in events:
             try:
                 if event.kind in ev.COMMAND_KINDS:
@@ -167,6 +191,11 @@ class Execution:
                     self._recorded_commands[task_id] = event
                 elif event.kind == ev.VERSION_MARKER:
                     self._versions[str(event.data.get("change_id"))] = int(event.data.get("version", 1))
+                elif event.kind == ev.FORKED_FROM and not forked:
+                    forked = True  # the copied events drew from the source's seed
+                    seed = event.data.get("seed")
+                    if isinstance(seed, str) and seed:
+                        self.ctx._reseed(seed)
             except (TypeError, ValueError, AttributeError) as exc:
                 self._nondeterminism(f"malformed history event {event.kind!r}: {exc}")
                 return
@@ -185,6 +214,7 @@ class Execution:
         self._tasks[task_id] = task
         recorded = self._recorded_commands.pop(task_id, None)
         if recorded is not None:
+            self._replayed_commands[task_id] = recorded
             if recorded.kind != kind or not _same_command(kind, recorded.data, data):
                 self._nondeterminism(
                     f"command #{task_id}: history records {recorded.kind} "
@@ -202,6 +232,9 @@ class Execution:
     def schedule_child(self, task: ChildTask[Any]) -> None:
         task_id = self._next_task_id
         child_id = task.instance_id or f"{self.instance_id}:{self.execution_id}:{task_id}"
+        recorded = self._recorded_commands.get(task_id)
+        if task.instance_id is None and recorded is not None and _generated_child_id(recorded, task_id):
+            child_id = str(recorded.data["instance_id"])  # a fork's copied history names the source's child
         task.instance_id = child_id
         data = {"name": task.name, "instance_id": child_id, "input": task.input}
         self.schedule(task, ev.SUB_ORCHESTRATION_SCHEDULED, data)
@@ -292,9 +325,11 @@ class Execution:
                 self._deliver(str(data.get("name")), data.get("data"))
             elif kind == ev.CANCEL_REQUESTED:
                 self._cancel(data.get("reason"))
-            elif kind in (ev.CUSTOM_STATUS_SET, ev.VERSION_MARKER):
+            elif kind in (ev.CUSTOM_STATUS_SET, ev.VERSION_MARKER, ev.FORKED_FROM):
                 if kind == ev.CUSTOM_STATUS_SET:
                     self.custom_status = data.get("value")
+            elif kind == ev.VALUE_SET:
+                self.values[str(data["key"])] = data.get("value")
             elif kind in ev.TERMINAL_KINDS:
                 self.outcome = event
             else:
@@ -433,6 +468,14 @@ _COMPLETES: dict[str, type[Task[Any]]] = {
     ev.SUB_ORCHESTRATION_COMPLETED: ChildTask,
     ev.SUB_ORCHESTRATION_FAILED: ChildTask,
 }
+
+
+def _generated_child_id(recorded: Event, task_id: int) -> bool:
+    """Whether a recorded child id has the generated shape ``<instance>:<execution>:<task_id>``."""
+    if recorded.kind != ev.SUB_ORCHESTRATION_SCHEDULED:
+        return False
+    parts = str(recorded.data.get("instance_id", "")).rsplit(":", 2)
+    return len(parts) == 3 and parts[1].isdigit() and parts[2] == str(task_id)
 
 
 def _same_command(kind: str, recorded: dict[str, Any], issued: dict[str, Any]) -> bool:

@@ -8,7 +8,8 @@
 No loop polls in the steady state: each sleeps until a NOTIFY, a local event or
 the earliest known deadline (timer, retry backoff, lease expiry).  After every
 (re)connection of the LISTEN session, and every ``sweep_interval`` seconds, all
-loops run once anyway, so a missed notification costs latency, never work.
+loops run once anyway, so a missed notification costs latency, never work; with
+``retention``, each sweep also purges old finished instances in small batches.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import uuid
+from datetime import timedelta
 from types import TracebackType
 
 import anyio
@@ -32,7 +34,9 @@ from .._store.listener import Listener
 from .._store.migrations import migrate_connection, require_current
 from .._store.records import WorkItem
 from .activities import ActivityWorker
+from .clock import Clock
 from .loops import StepsInFlight, deadline, guarded
+from .retention import Retention
 from .timers import TimerLoop
 from .turns import TurnProcessor
 from .wakeup import Wakeup
@@ -63,6 +67,7 @@ class Runtime:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         migrate: bool = True,
         worker_id: str | None = None,
+        retention: timedelta | None = None,
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
@@ -71,8 +76,10 @@ class Runtime:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = Database(dsn, schema=schema, min_size=2, max_size=min(max_concurrency, 32) + turn_concurrency + 4)
         self.client = Client(app=app, max_payload_bytes=max_payload_bytes, _db=self.db)
+        self.clock = Clock()  # the database's clock; only testing.Environment moves its offset
         self.turns = TurnProcessor(
-            self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes
+            self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes,
+            clock=self.clock,
         )
         self.activities = ActivityWorker(
             self.db,
@@ -81,7 +88,9 @@ class Runtime:
             max_concurrency=max_concurrency,
             lease_seconds=lease_seconds,
             max_payload_bytes=max_payload_bytes,
+            clock=self.clock,
         )
+        self.retention = None if retention is None else Retention(self.db, retention)
         self.turn_concurrency = turn_concurrency
         self.lease_seconds = lease_seconds
         self.sweep_interval = sweep_interval
@@ -102,7 +111,7 @@ class Runtime:
             self.db.channel("timer"): lambda _payload: self._timer.set(),
         })
         self._timers = TimerLoop(self.db, sorted(app.orchestrations), self._timer, on_fired=self._orch.set,
-                                 steps=self._steps)
+                                 steps=self._steps, clock=self.clock)
         self._blocked_polls = 0
 
     # -- lifecycle ----------------------------------------------------------------
@@ -133,6 +142,8 @@ class Runtime:
         self._tg.start_soon(self._ack_loop)
         self._tg.start_soon(self._lease_loop)
         self._tg.start_soon(self._timers.run, self._stopping.is_set)
+        if self.retention is not None:
+            self._tg.start_soon(self.retention.run, self._stopping.is_set)
         with anyio.move_on_after(10):
             await listener_ready.wait()
 
@@ -220,6 +231,8 @@ class Runtime:
         with contextlib.suppress(DatabaseError):
             await self.db.run(worker_store.release_dead_leases, retry_for=5)
         self.wake_all()
+        if self.retention is not None:
+            self.retention.due()  # purged by its own loop, off the LISTEN session
 
     # -- loops --------------------------------------------------------------------------
     async def _turn_loop(self) -> None:

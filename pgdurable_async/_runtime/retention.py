@@ -1,0 +1,71 @@
+"""Retention: purge finished instances not updated for a window, in small batches, at each sweep.
+
+Each batch is one short transaction: up to :data:`BATCH` finished instances (the
+oldest first, rows a turn holds skipped rather than waited for), each with its
+finished descendants and all their history.  A sweep runs at most
+:data:`MAX_BATCHES` batches, so a large backlog is worked off over several
+sweeps instead of competing with turns for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import anyio.lowlevel
+
+from .._base.errors import ConfigurationError
+from .._store import Database, instance_store
+from .loops import guarded
+from .wakeup import Wakeup
+
+log = logging.getLogger("pgdurable_async.retention")
+
+BATCH = 100  # finished instances (each with its finished descendants) per transaction
+MAX_BATCHES = 50  # per sweep
+
+
+class Retention:
+    """Purges the database's finished instances older than ``window`` whenever :meth:`due` is called."""
+
+    def __init__(self, db: Database, window: timedelta, *, batch: int = BATCH, max_batches: int = MAX_BATCHES) -> None:
+        if not isinstance(window, timedelta) or window <= timedelta(0):
+            raise ConfigurationError("retention must be a positive timedelta")
+        self.db = db
+        self.window = window
+        self.batch = batch
+        self.max_batches = max_batches
+        self.purged = 0  # instances purged by this runtime
+        self.last_batch_seconds = 0.0
+        self._due = Wakeup()
+
+    def due(self) -> None:
+        """Ask for a sweep (the runtime calls it at each safety sweep)."""
+        self._due.set()
+
+    async def run(self, stopping: Callable[[], bool]) -> None:
+        while not stopping():
+            seen = self._due.generation
+            await guarded("retention", lambda: self.sweep(stopping))
+            await self._due.wait(seen)
+
+    async def sweep(self, stopping: Callable[[], bool] = lambda: False) -> int:
+        """Purge batches until none is left (or :attr:`max_batches` ran); returns the instances purged."""
+        total = 0
+        for _ in range(self.max_batches):
+            if stopping():
+                break
+            started = time.perf_counter()
+            purged = await self.db.run(lambda conn: instance_store.purge_finished(
+                conn, older_than=self.window, status=None, limit=self.batch))
+            self.last_batch_seconds = time.perf_counter() - started
+            total += purged
+            if not purged:
+                break
+            await anyio.lowlevel.checkpoint()  # turns and activities get the pool between batches
+        if total:
+            self.purged += total
+            log.info("retention purged %d finished instances older than %s", total, self.window)
+        return total
