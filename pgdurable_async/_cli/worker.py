@@ -52,6 +52,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         max_concurrency=args.concurrency,
         lease_seconds=args.lease_seconds,
         sweep_interval=args.sweep_interval,
+        retention=args.retention,
     )
     # Runtime.stop() must run in the task and cancel-scope level that started it,
     # so the second-signal watcher's task group encloses the runtime.
