@@ -56,14 +56,20 @@ async def cmd_purge(args: argparse.Namespace) -> int:
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
-    """Replay saved histories (``history ID --json`` files) against the app's code: exit 1 on a mismatch."""
+    """Replay saved histories (``history ID --json`` files) against the app's code: exit 1 on a mismatch.
+
+    A file is taken to hold the history of the instance it is named after (``ID.json``)
+    unless ``--instance-id`` says otherwise: the id seeds ``ctx.new_uuid()`` / ``ctx.random()``.
+    """
     app = load_app(args.app)
     app.install_builtins()
     orchestrations = {name: d.fn for name, d in app.orchestrations.items()}
     for path in args.files:
+        file = anyio.Path(path)
         try:
-            text = await anyio.Path(path).read_bytes()
-            count = replay_history(orchestrations, text, instance_id=args.instance_id)  # type: ignore[arg-type]
+            text = await file.read_bytes()
+            count = replay_history(orchestrations, text,  # type: ignore[arg-type]
+                                   instance_id=args.instance_id or file.stem)
         except (PgDurableError, OSError) as exc:
             kind = "non-determinism" if isinstance(exc, NonDeterminismError) else type(exc).__name__
             raise PgDurableError(f"{path}: {kind}: {exc}") from None

@@ -38,7 +38,7 @@ class Retention:
         self.batch = batch
         self.max_batches = max_batches
         self.purged = 0  # instances purged by this runtime
-        self.last_batch_seconds = 0.0
+        self.max_batch_seconds = 0.0  # the longest purge transaction so far
         self._due = Wakeup()
 
     def due(self) -> None:
@@ -60,7 +60,7 @@ class Retention:
             started = time.perf_counter()
             purged = await self.db.run(lambda conn: instance_store.purge_finished(
                 conn, older_than=self.window, status=None, limit=self.batch))
-            self.last_batch_seconds = time.perf_counter() - started
+            self.max_batch_seconds = max(self.max_batch_seconds, time.perf_counter() - started)
             total += purged
             if not purged:
                 break
