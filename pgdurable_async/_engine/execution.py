@@ -121,13 +121,17 @@ class Execution:
         """Rebuild state from the recorded history of this execution."""
         events = list(history)
         self._index(events)
-        self._remaining_recorded = len(events)
+        # A fork's forked_from marker is no turn of the code: commands issued after the last
+        # copied event are new progress (they follow the marker), not a disagreement.
+        self._remaining_recorded = sum(e.kind != ev.FORKED_FROM for e in events)
         for event in events:
-            self._remaining_recorded -= 1
+            self._remaining_recorded -= event.kind != ev.FORKED_FROM
             self.history_len += 1
             self._last_recorded = event.kind
             if self._fault is None and self.outcome is None:
                 self._apply(event, recorded=True)
+                if self._remaining_recorded == 0:
+                    self.replaying = False  # what the code does after the last recorded event is new
                 self._settle(final=False)
         self._remaining_recorded = 0
         ended = bool(events) and events[-1].kind in ev.TERMINAL_KINDS
@@ -140,7 +144,7 @@ class Execution:
             )
         if self._fault is not None:
             self.outcome = None  # replay disagreed: whatever ending the code reached, it fails below
-        elif self.outcome is not None and not ended:
+        elif self.outcome is not None and not ended and all(e is not self.outcome for e in self._new):
             self._record(self.outcome)  # code now ends where the history did not record it
         self._settle()
         self.replaying = False

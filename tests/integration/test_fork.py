@@ -148,8 +148,9 @@ async def test_fork_reissues_what_the_prefix_left_open(dsn: str) -> None:
         client = runtime.client
         done = await (await client.start(chain, False, instance_id="c2")).result(timeout=30)
         source = await client.history("c2")
-        # Cut right after each command: the fork must issue it again itself.
-        for kind in ("activity_scheduled", "timer_created", "sub_orchestration_scheduled"):
+        # Cut right after each command (the fork must issue it again itself), and right after a
+        # completion (the code runs on past the copy at once, its next command after forked_from).
+        for kind in ("activity_scheduled", "timer_created", "sub_orchestration_scheduled", "activity_completed"):
             at = _seq(source, kind)
             fork = await client.fork("c2", at_seq=at, new_instance_id=f"c2-{kind}")
             assert await fork.result(timeout=30) == done
@@ -162,7 +163,8 @@ async def test_fork_reissues_what_the_prefix_left_open(dsn: str) -> None:
         task = _seq_task(source)
         kids = {s.instance_id for s in await client.list(name="leaf")}
         assert kids == {f"c2:1:{task}"} | {f"c2-{k}:1:{task}" for k in ("activity_scheduled", "timer_created",
-                                                                        "sub_orchestration_scheduled")}
+                                                                        "sub_orchestration_scheduled",
+                                                                        "activity_completed")}
         fork_of_fork = await client.fork("c2-timer_created", new_instance_id="c2-again")
         assert await fork_of_fork.result(timeout=30) == done  # a fork's fork keeps the original's seed
 

@@ -117,6 +117,8 @@ async def test_wait_value_is_woken_by_notify_not_polling(dsn: str, monkeypatch: 
     monkeypatch.setattr(instance_store, "get_value", counting_get_value)
     async with pgd.Runtime(app, dsn) as runtime:
         await runtime.client.start(agent, 0, instance_id="w1")
+        await runtime.client.wait_value("w1", "plan", timeout=10)  # its first turn is over: it waits for "go"
+        reads = 0
         async with pgd.Client(dsn) as waiter:  # its own pool and LISTEN session
             result: list[Any] = []
             woke_at = 0.0
