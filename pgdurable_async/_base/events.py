@@ -22,7 +22,7 @@ from __future__ import annotations
 import traceback as _traceback
 from typing import Any, Final
 
-ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, parent?}
+ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, instance_id}
 ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input}
 ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result}
 ACTIVITY_FAILED: Final = "activity_failed"  # {task_id, error, attempts}

@@ -58,8 +58,8 @@ async def cmd_purge(args: argparse.Namespace) -> int:
 async def cmd_replay(args: argparse.Namespace) -> int:
     """Replay saved histories (``history ID --json`` files) against the app's code: exit 1 on a mismatch.
 
-    A file is taken to hold the history of the instance it is named after (``ID.json``)
-    unless ``--instance-id`` says otherwise: the id seeds ``ctx.new_uuid()`` / ``ctx.random()``.
+    The instance id (it seeds ``ctx.new_uuid()`` / ``ctx.random()``) is ``--instance-id``, else
+    the one the history records, else the file's name without its extension (``ID.json``).
     """
     app = load_app(args.app)
     app.install_builtins()
@@ -69,7 +69,7 @@ async def cmd_replay(args: argparse.Namespace) -> int:
         try:
             text = await file.read_bytes()
             count = replay_history(orchestrations, text,  # type: ignore[arg-type]
-                                   instance_id=args.instance_id or file.stem)
+                                   instance_id=args.instance_id, fallback_id=file.stem)
         except (PgDurableError, OSError) as exc:
             kind = "non-determinism" if isinstance(exc, NonDeterminismError) else type(exc).__name__
             raise PgDurableError(f"{path}: {kind}: {exc}") from None

@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the pgd.App whose code to check")
     p.add_argument("files", nargs="+", metavar="FILE", help="history files")
     p.add_argument("--instance-id", metavar="ID",
-                   help="the instance the histories belong to (default: each file's name without its "
-                        "extension); it seeds ctx.new_uuid / ctx.random")
+                   help="the instance the histories belong to (default: the one each history records, "
+                        "else the file's name without its extension); it seeds ctx.new_uuid / ctx.random")
     p = add("graph", admin.cmd_graph, "print a graph workflow as Mermaid with each node's state")
     p.add_argument("id", help="instance id")
     p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")

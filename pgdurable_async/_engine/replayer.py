@@ -71,11 +71,14 @@ def _event(item: Any, position: int) -> HistoryEvent:
 
 
 def replay_history(
-    orchestrations: Mapping[str, OrchestrationFn], history: Any, *, instance_id: str | None = None
+    orchestrations: Mapping[str, OrchestrationFn], history: Any, *, instance_id: str | None = None,
+    fallback_id: str | None = None,
 ) -> int:
     """Replay every execution in ``history`` with the registered code; returns the events replayed.
 
-    Raises :class:`NonDeterminismError` where today's code disagrees with the history,
+    The instance id (it seeds ``ctx.new_uuid()`` / ``ctx.random()``) is ``instance_id``, else
+    the one the history records (``orchestration_started``), else ``fallback_id``.  Raises
+    :class:`NonDeterminismError` where today's code disagrees with the history,
     :class:`UnknownNameError` when its orchestration is not registered.
     """
     saved = parse_history(history)
@@ -94,7 +97,9 @@ def replay_history(
         if fn is None:
             raise UnknownNameError(f"the history runs orchestration {name!r}, which the app does not register",
                                    kind="orchestration", name=name)
-        _replay_one(fn, events, iid, execution_id, name)
+        recorded = first.data.get("instance_id")  # recorded by runtimes of this version on
+        _replay_one(fn, events, iid or (recorded if isinstance(recorded, str) else None) or fallback_id,
+                    execution_id, name)
     return len(saved.events)
 
 

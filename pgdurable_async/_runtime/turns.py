@@ -226,7 +226,7 @@ class TurnProcessor:
             if resume and execution.resumable:  # only a fork's first turn: nothing is issued twice
                 for command in execution.open_commands():
                     self._command(row, command.kind, command.data, w, reissue=True)
-            new_events = execution.advance([(m.kind, m.payload) for m in current], now)
+            new_events = execution.advance([_fact(row, m) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
         await self._write(conn, w)
@@ -435,6 +435,14 @@ class TurnProcessor:
             await turn_store.update_instances(conn, w.updates)
         if w.consumed:
             await turn_store.delete_messages(conn, ids=w.consumed)
+
+
+def _fact(row: InstanceRow, message: Message) -> tuple[str, dict[str, Any]]:
+    """A message as the event it becomes: a start also names its instance, so a saved history
+    says whose it is (``ctx.new_uuid()`` and ``ctx.random()`` are seeded by the instance id)."""
+    if message.kind == ev.ORCHESTRATION_STARTED and "instance_id" not in message.payload:
+        return message.kind, {**message.payload, "instance_id": row.instance_id}
+    return message.kind, message.payload
 
 
 def _generated_elsewhere(child_id: str, instance_id: str, task_id: int) -> bool:
