@@ -2,9 +2,9 @@
 
 Each batch is one short transaction: up to :data:`BATCH` finished instances (the
 oldest first, rows a turn holds skipped rather than waited for), each with its
-finished descendants and all their history.  A sweep runs at most
-:data:`MAX_BATCHES` batches, so a large backlog is worked off over several
-sweeps instead of competing with turns for long.
+finished descendants and all their history.  Batches are paced (a pause as long
+as the batch took), and a sweep runs at most :data:`MAX_BATCHES` of them, so a
+large backlog is worked off over several sweeps instead of competing with turns.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-import anyio.lowlevel
+import anyio
 
 from .._base.errors import ConfigurationError
 from .._store import Database, instance_store
@@ -60,11 +60,12 @@ class Retention:
             started = time.perf_counter()
             purged = await self.db.run(lambda conn: instance_store.purge_finished(
                 conn, older_than=self.window, status=None, limit=self.batch))
-            self.max_batch_seconds = max(self.max_batch_seconds, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.max_batch_seconds = max(self.max_batch_seconds, took)
             total += purged
             if not purged:
                 break
-            await anyio.lowlevel.checkpoint()  # turns and activities get the pool between batches
+            await anyio.sleep(took)  # paced: a backlog takes at most half of the database's time
         if total:
             self.purged += total
             log.info("retention purged %d finished instances older than %s", total, self.window)
