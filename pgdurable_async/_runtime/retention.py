@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import anyio
 
-from .._base.errors import ConfigurationError
+from .._base.errors import ConfigurationError, DatabaseError
 from .._store import Database, instance_store
 from .loops import guarded
 from .wakeup import Wakeup
@@ -39,6 +39,7 @@ class Retention:
         self.max_batches = max_batches
         self.purged = 0  # instances purged by this runtime
         self.max_batch_seconds = 0.0  # the longest purge transaction so far
+        self.refused = False  # the database role may not purge (history is the owner's to delete)
         self._due = Wakeup()
 
     def due(self) -> None:
@@ -46,10 +47,23 @@ class Retention:
         self._due.set()
 
     async def run(self, stopping: Callable[[], bool]) -> None:
-        while not stopping():
+        while not stopping() and not self.refused:
             seen = self._due.generation
             await guarded("retention", lambda: self.sweep(stopping))
             await self._due.wait(seen)
+
+    async def _batch(self) -> int:
+        try:
+            return await self.db.run(lambda conn: instance_store.purge_finished(
+                conn, older_than=self.window, status=None, limit=self.batch))
+        except DatabaseError as exc:
+            if getattr(exc, "sqlstate", None) != "42501":  # insufficient_privilege
+                raise
+            self.refused = True
+            log.error("retention is off: this runtime's database role may not purge (%s); purging deletes "
+                      "history, which only the schema's owner may: run retention as the owner, or "
+                      "`purge --older-than` from the owner's schedule", exc)
+            return 0
 
     async def sweep(self, stopping: Callable[[], bool] = lambda: False) -> int:
         """Purge batches until none is left (or :attr:`max_batches` ran); returns the instances purged."""
@@ -58,8 +72,7 @@ class Retention:
             if stopping():
                 break
             started = time.perf_counter()
-            purged = await self.db.run(lambda conn: instance_store.purge_finished(
-                conn, older_than=self.window, status=None, limit=self.batch))
+            purged = await self._batch()
             took = time.perf_counter() - started
             self.max_batch_seconds = max(self.max_batch_seconds, took)
             total += purged
