@@ -107,15 +107,16 @@ BEGIN
     SELECT id, 1, h.seq, h.event_type, h.payload, h.recorded_at
     FROM history h
     WHERE h.instance_id = source_id AND h.execution_id = src_execution AND h.seq <= cut;
-    -- seed: the execution whose ctx.new_uuid() / ctx.random() stream the copied events drew from.
+    -- The copied orchestration_started names the execution whose ctx.new_uuid() / ctx.random()
+    -- stream the copy holds; a copy of an older history, whose start does not, gets it as 'seed'.
     INSERT INTO history (instance_id, execution_id, seq, event_type, payload)
-    VALUES (id, 1, cut + 1, 'forked_from', jsonb_build_object(
-        'instance_id', source_id, 'at_seq', cut,
-        'seed', coalesce((SELECT f.payload ->> 'seed' FROM history f
-                          WHERE f.instance_id = source_id AND f.execution_id = src_execution
-                            AND f.event_type = 'forked_from'
-                          ORDER BY f.seq LIMIT 1),
-                         source_id || '/' || src_execution)));
+    VALUES (id, 1, cut + 1, 'forked_from', jsonb_build_object('instance_id', source_id, 'at_seq', cut)
+        || CASE WHEN started ? 'instance_id' THEN '{}'::jsonb ELSE jsonb_build_object(
+               'seed', coalesce((SELECT f.payload ->> 'seed' FROM history f
+                                 WHERE f.instance_id = source_id AND f.execution_id = src_execution
+                                   AND f.event_type = 'forked_from'
+                                 ORDER BY f.seq LIMIT 1),
+                                source_id || '/' || src_execution)) END);
     INSERT INTO instance_values (instance_id, key, value, execution_id, seq)
     SELECT DISTINCT ON (h.payload ->> 'key') id, h.payload ->> 'key', h.payload -> 'value', 1, h.seq
     FROM history h

@@ -8,8 +8,10 @@ child sends its parent are shaped.
 A cascaded stop says where it came from: the ``cancel_requested`` and
 ``orchestration_terminated`` events of a child stopped with its parent carry
 ``cascaded_from`` (the parent's id).  A fork's history starts with the source's
-events (``seq <= at_seq``) followed by ``forked_from``; its ``seed`` names the
-execution whose ``ctx.new_uuid()`` / ``ctx.random()`` stream the copied events used.
+events (``seq <= at_seq``) followed by ``forked_from``.  ``orchestration_started``
+names its execution, which seeds ``ctx.new_uuid()`` / ``ctx.random()``: a fork's copy
+keeps its source's stream (a copy of a history from before this was recorded gets the
+source's ``seed`` in ``forked_from`` instead).
 
 Graph workflows (``df.start``, ``App.graph``) record no kinds of their own: each
 node is an ordinary activity, timer, event wait or child, and a node's state
@@ -22,7 +24,7 @@ from __future__ import annotations
 import traceback as _traceback
 from typing import Any, Final
 
-ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, instance_id}
+ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, instance_id, execution_id}
 ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input}
 ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result}
 ACTIVITY_FAILED: Final = "activity_failed"  # {task_id, error, attempts}
@@ -41,7 +43,7 @@ ORCHESTRATION_FAILED: Final = "orchestration_failed"  # {error}
 ORCHESTRATION_CANCELLED: Final = "orchestration_cancelled"  # {reason}
 ORCHESTRATION_TERMINATED: Final = "orchestration_terminated"  # {reason, cascaded_from?}
 VALUE_SET: Final = "value_set"  # {key, value}: ctx.set_value; read by Client.get_value / wait_value
-FORKED_FROM: Final = "forked_from"  # {instance_id, at_seq, seed}: Client.fork copied seq 1..at_seq of instance_id
+FORKED_FROM: Final = "forked_from"  # {instance_id, at_seq, seed?}: Client.fork copied seq 1..at_seq of instance_id
 
 #: A message, never an event: the first turn of a fork re-issues the open commands of the
 #: copied history (work items, timers, children) and runs on.  Not in ALL_KINDS.

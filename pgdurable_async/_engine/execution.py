@@ -23,6 +23,7 @@ from .._base.errors import TimeoutError as DurableTimeout
 from .._base.events import error_payload
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode, normalize
 from .context import ContinueAsNew, OrchestrationContext
+from .lineage import generated_child_id, seed_of
 from .tasks import ActivityTask, ChildTask, EventTask, FiberTask, Task, TimerTask
 
 OrchestrationFn = Callable[[OrchestrationContext, Any], Coroutine[Any, Any, Any]]
@@ -183,8 +184,8 @@ class Execution:
         return new
 
     def _index(self, events: list[Event]) -> None:
-        """Collect the recorded commands (by task id), version markers and a fork's seed."""
-        forked = False
+        """Collect the recorded commands (by task id), version markers and the uuid/random seed."""
+        seeded = False
         for event in events:
             try:
                 if event.kind in ev.COMMAND_KINDS:
@@ -195,10 +196,10 @@ class Execution:
                     self._recorded_commands[task_id] = event
                 elif event.kind == ev.VERSION_MARKER:
                     self._versions[str(event.data.get("change_id"))] = int(event.data.get("version", 1))
-                elif event.kind == ev.FORKED_FROM and not forked:
-                    forked = True  # the copied events drew from the source's seed
-                    seed = event.data.get("seed")
-                    if isinstance(seed, str) and seed:
+                elif event.kind in (ev.ORCHESTRATION_STARTED, ev.FORKED_FROM) and not seeded:
+                    seed = seed_of(event)  # whose execution drew the recorded uuids (a fork's copy: its source's)
+                    if seed is not None:
+                        seeded = True
                         self.ctx._reseed(seed)
             except (TypeError, ValueError, AttributeError) as exc:
                 self._nondeterminism(f"malformed history event {event.kind!r}: {exc}")
@@ -223,6 +224,8 @@ class Execution:
                 self._nondeterminism(
                     f"command #{task_id}: history records {recorded.kind} "
                     f"{recorded.data.get('name', '')!r} but the code issued {kind} {data.get('name', '')!r}"
+                    + (" with another input" if recorded.kind == kind and recorded.data.get("name") == data.get("name")
+                       else "")
                 )
             return
         if self.replaying and self._remaining_recorded > 0:
@@ -237,7 +240,7 @@ class Execution:
         task_id = self._next_task_id
         child_id = task.instance_id or f"{self.instance_id}:{self.execution_id}:{task_id}"
         recorded = self._recorded_commands.get(task_id)
-        if task.instance_id is None and recorded is not None and _generated_child_id(recorded, task_id):
+        if task.instance_id is None and recorded is not None and generated_child_id(recorded, task_id):
             child_id = str(recorded.data["instance_id"])  # a fork's copied history names the source's child
         task.instance_id = child_id
         data = {"name": task.name, "instance_id": child_id, "input": task.input}
@@ -472,14 +475,6 @@ _COMPLETES: dict[str, type[Task[Any]]] = {
     ev.SUB_ORCHESTRATION_COMPLETED: ChildTask,
     ev.SUB_ORCHESTRATION_FAILED: ChildTask,
 }
-
-
-def _generated_child_id(recorded: Event, task_id: int) -> bool:
-    """Whether a recorded child id has the generated shape ``<instance>:<execution>:<task_id>``."""
-    if recorded.kind != ev.SUB_ORCHESTRATION_SCHEDULED:
-        return False
-    parts = str(recorded.data.get("instance_id", "")).rsplit(":", 2)
-    return len(parts) == 3 and parts[1].isdigit() and parts[2] == str(task_id)
 
 
 def _same_command(kind: str, recorded: dict[str, Any], issued: dict[str, Any]) -> bool:

@@ -98,14 +98,14 @@ def replay_history(
             raise UnknownNameError(f"the history runs orchestration {name!r}, which the app does not register",
                                    kind="orchestration", name=name)
         recorded = first.data.get("instance_id")  # recorded by runtimes of this version on
-        _replay_one(fn, events, iid or (recorded if isinstance(recorded, str) else None) or fallback_id,
-                    execution_id, name)
+        known = iid or (recorded if isinstance(recorded, str) else None)
+        _replay_one(fn, events, known or fallback_id or STAND_IN_ID, execution_id, name, guessed=known is None)
     return len(saved.events)
 
 
-def _replay_one(fn: OrchestrationFn, events: list[HistoryEvent], instance_id: str | None, execution_id: int,
-                name: str) -> None:
-    execution = Execution(fn, instance_id=instance_id or STAND_IN_ID, execution_id=execution_id, name=name)
+def _replay_one(fn: OrchestrationFn, events: list[HistoryEvent], instance_id: str, execution_id: int,
+                name: str, *, guessed: bool) -> None:
+    execution = Execution(fn, instance_id=instance_id, execution_id=execution_id, name=name)
     try:
         execution.replay(Event(e.kind, e.data, e.recorded_at or _EPOCH) for e in events)
         fault = execution.fault
@@ -113,7 +113,7 @@ def _replay_one(fn: OrchestrationFn, events: list[HistoryEvent], instance_id: st
         execution.close()
     if fault is not None:
         message = fault.message
-        if instance_id is None and not any(e.kind == ev.FORKED_FROM for e in events):
-            message += (f" (replayed as instance {STAND_IN_ID!r}: if the code passes ctx.new_uuid() or "
+        if guessed and not any(e.kind == ev.FORKED_FROM for e in events):
+            message += (f" (replayed as instance {instance_id!r}, a guess: if the code passes ctx.new_uuid() or "
                         "ctx.random() to its commands, give the instance id)")
         raise NonDeterminismError(message, instance_id=instance_id)

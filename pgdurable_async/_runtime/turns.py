@@ -438,10 +438,10 @@ class TurnProcessor:
 
 
 def _fact(row: InstanceRow, message: Message) -> tuple[str, dict[str, Any]]:
-    """A message as the event it becomes: a start also names its instance, so a saved history
-    says whose it is (``ctx.new_uuid()`` and ``ctx.random()`` are seeded by the instance id)."""
+    """A message as the event it becomes: a start also names its execution, so a saved history
+    (or a fork's copy of one) says whose ``ctx.new_uuid()`` / ``ctx.random()`` stream it holds."""
     if message.kind == ev.ORCHESTRATION_STARTED and "instance_id" not in message.payload:
-        return message.kind, {**message.payload, "instance_id": row.instance_id}
+        return message.kind, {**message.payload, "instance_id": row.instance_id, "execution_id": row.execution_id}
     return message.kind, message.payload
 
 

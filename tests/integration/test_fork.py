@@ -215,5 +215,24 @@ async def test_fork_from_the_command_line(dsn: str, tmp_path: Path) -> None:
         new_id = (await ok("fork", "cli-src", "--at-seq", "3", "--id", "cli-fork", dsn=dsn)).strip()
         assert new_id == "cli-fork"
         assert len(await runtime.client.wait("cli-fork", timeout=30)) == 4
-        assert (await runtime.client.history("cli-fork"))[3].data == {
-            "instance_id": "cli-src", "at_seq": 3, "seed": "cli-src/1"}
+        events = await runtime.client.history("cli-fork")
+        assert events[3].data == {"instance_id": "cli-src", "at_seq": 3}
+        assert events[0].data == {"name": "pipeline", "input": None, "instance_id": "cli-src", "execution_id": 1}
+
+
+async def test_fork_of_a_history_recorded_by_an_older_version(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before this version, orchestration_started did not name its execution: the fork's
+    forked_from then carries the source's seed, so the copied uuids still replay."""
+    from pgdurable_async._runtime import turns
+
+    monkeypatch.setattr(turns, "_fact", lambda row, message: (message.kind, message.payload))
+    async with pgd.Runtime(app, dsn) as runtime:
+        with pytest.raises(pgd.InstanceFailed):
+            await (await runtime.client.start(chain, True, instance_id="legacy")).result(timeout=30)
+        assert "instance_id" not in (await runtime.client.history("legacy"))[0].data
+        monkeypatch.undo()
+        fork = await runtime.client.fork("legacy", new_instance_id="legacy-fork")
+        with pytest.raises(pgd.InstanceFailed, match="refused b"):  # replayed the copy, failed at b again
+            await fork.result(timeout=30)
+        marker = next(e for e in await fork.history() if e.kind == "forked_from")
+        assert marker.data["seed"] == "legacy/1"

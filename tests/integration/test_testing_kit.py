@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 import pgdurable_async as pgd
@@ -135,6 +136,11 @@ async def test_replay_saved_histories_and_catch_a_reordered_step(dsn: str, tmp_p
     renamed = tmp_path / "renamed.json"
     renamed.write_text((tmp_path / "order-7.json").read_text())
     await ok("replay", "--app", "tests.integration.replay_app:app", str(renamed), dsn=dsn)  # its history says
+    anonymous_file = tmp_path / "older.json"  # as older versions exported it: the start names no instance
+    anonymous_file.write_text(orjson.dumps([{"seq": e.seq, "kind": e.kind, "data": e.data,
+                                             "recorded_at": e.recorded_at} for e in anonymous]).decode())
     wrong = assert_one_error_line(await cli("replay", "--app", "tests.integration.replay_app:app",
-                                            "--instance-id", "order-8", str(renamed)))
-    assert "renamed.json: non-determinism" in wrong
+                                            str(anonymous_file)))
+    assert "older.json: non-determinism" in wrong and "give the instance id" in wrong
+    await ok("replay", "--app", "tests.integration.replay_app:app", "--instance-id", "order-8",
+             str(anonymous_file), dsn=dsn)

@@ -169,3 +169,16 @@ def test_what_the_code_does_past_a_forks_copy_is_recorded_after_the_marker() -> 
     assert [e.kind for e in new] == [ev.VALUE_SET, ev.CUSTOM_STATUS_SET, ev.VERSION_MARKER, ev.ACTIVITY_SCHEDULED]
     assert new[2].data == {"change_id": "second-step", "version": 2} and new[3].data["input"] == 2
     assert fork.values == {"after": 1} and fork.custom_status == "past one"
+
+
+def test_a_recorded_start_seeds_the_uuid_stream() -> None:
+    history = _source()  # the simulator records starts without ids, as older versions did
+    start = history[0]
+    named = [Event(start.kind, {**start.data, "instance_id": "src", "execution_id": 1}, start.recorded_at),
+             *history[1:]]
+    elsewhere = Execution(keyed, instance_id="some-other-id", execution_id=3, name="keyed")
+    elsewhere.replay(named)  # a copy under another id replays: the start says whose stream it is
+    assert elsewhere.fault is None and elsewhere.finished
+    unnamed = Execution(keyed, instance_id="some-other-id", execution_id=3, name="keyed")
+    unnamed.replay(history)
+    assert isinstance(unnamed.fault, pgd.NonDeterminismError)
