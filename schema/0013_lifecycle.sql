@@ -1,4 +1,4 @@
--- pgdurable_async, version 10: the instance lifecycle.
+-- pgdurable_async, version 13: the instance lifecycle.
 --   * instances_parent: an instance's children, for cascading cancel and terminate and for
 --     purging children with their parent (partial: roots, most instances, cost nothing).
 --   * instance_values: the durable values of ctx.set_value, one row per (instance, key),
