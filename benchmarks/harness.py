@@ -46,6 +46,7 @@ from pgdurable_async._runtime.wakeup import Wakeup
 from pgdurable_async._store import Database
 from pgdurable_async._store.listener import Listener
 from pgdurable_async._store.migrations import migrate
+from pgdurable_async._store.records import NO_OFFSET
 from pgdurable_async._store.sql_loader import q
 
 __all__ = ["run_bench"]
@@ -441,8 +442,8 @@ class _Floor:
     async def turn_batch_once(self, conn: asyncpg.Connection) -> int:
         """One transaction: claim instances, read messages, append, enqueue, update, delete."""
         async with conn.transaction():
-            rows = await conn.fetch(  # $4: quarantined instances (none here)
-                q("claim_instances"), self.orchestrations, self.turn_batch, self.turn_batch * 4, []
+            rows = await conn.fetch(  # $4: quarantined instances (none here); $5: clock offset (none)
+                q("claim_instances"), self.orchestrations, self.turn_batch, self.turn_batch * 4, [], NO_OFFSET
             )
             if not rows:
                 return 0
@@ -495,7 +496,7 @@ class _Floor:
 
     async def claim_once(self, conn: asyncpg.Connection, want: int) -> int:
         """Lease up to ``want`` items and "run" them at once (the result echoes the input)."""
-        rows = await conn.fetch(q("claim_work"), self.activities, want, _LEASE_SECONDS, self.owner)
+        rows = await conn.fetch(q("claim_work"), self.activities, want, _LEASE_SECONDS, self.owner, NO_OFFSET)
         self.inflight += len(rows)
         for r in rows:
             self.results.append((r["id"], r["lease_token"], f'{{"task_id":{r["task_id"]},"result":{r["input"]}}}'))

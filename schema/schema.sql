@@ -1,8 +1,8 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0012, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0013, each object defined
 -- once, as the last migration left it, grouped by concern:
---   1. migration bookkeeping       5. client API (start, send, raise_event, cancel)
+--   1. migration bookkeeping       5. client API (start, send, raise_event, cancel, fork)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
 --   3. history immutability        7. the df schema: pg_durable's SQL DSL surface
 --   4. wake-up notifications          (nodes, operators, validation, variables, starting,
@@ -68,6 +68,8 @@ CREATE TABLE instances (
 );
 CREATE INDEX instances_status_name ON instances (status, name);
 CREATE INDEX instances_created ON instances (created_at DESC);
+-- An instance's children: cascading cancel and terminate, purging children with their parent.
+CREATE INDEX instances_parent ON instances (parent_instance_id) WHERE parent_instance_id IS NOT NULL;
 
 -- Append-only event log, one row per fact.
 CREATE TABLE history (
@@ -162,6 +164,18 @@ CREATE TABLE event_deliveries (
 );
 
 
+-- Named values an instance published (ctx.set_value); they outlive the instance until it is purged.
+CREATE TABLE instance_values (
+    instance_id  text NOT NULL,
+    key          text NOT NULL,
+    value        jsonb,
+    execution_id integer NOT NULL,
+    seq          integer NOT NULL,          -- the value_set event that wrote it
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (instance_id, key)
+);
+
+
 -- ======================================================================================
 -- 3. History immutability and purge
 -- History is append-only: no UPDATE, no TRUNCATE, and a history row can be deleted only once
@@ -212,7 +226,8 @@ CREATE TRIGGER instances_delete_guard BEFORE DELETE ON instances
 -- 4. Wake-up notifications
 -- NOTIFY on channels named after the schema, one per statement: <schema>_orch and
 -- <schema>_work (new queue rows), <schema>_timer (payload: the earliest new fire_at, as epoch
--- seconds) and <schema>_done (payload: the id of an instance that just finished).
+-- seconds), <schema>_done (payload: the id of an instance that just finished) and <schema>_value
+-- (payload: the id of an instance that set a durable value).
 -- ======================================================================================
 
 CREATE OR REPLACE FUNCTION notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -253,6 +268,21 @@ CREATE TRIGGER instances_done_notify AFTER UPDATE OF status ON instances
     FOR EACH ROW
     WHEN (OLD.status IS DISTINCT FROM NEW.status AND is_finished(NEW.status))
     EXECUTE FUNCTION notify_done();
+
+-- A value set: wakes Client.wait_value (payload: the instance id, once per instance and statement).
+CREATE OR REPLACE FUNCTION notify_value() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '_value', changed.instance_id)
+    FROM (SELECT DISTINCT instance_id FROM new_rows) AS changed;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER instance_values_insert_notify AFTER INSERT ON instance_values
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_value();
+CREATE TRIGGER instance_values_update_notify AFTER UPDATE ON instance_values
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_value();
 
 
 -- ======================================================================================
@@ -346,6 +376,94 @@ $$;
 REVOKE ALL ON FUNCTION start(text, jsonb, text), send(text, text, jsonb),
     raise_event(text, text, jsonb), cancel(text, text) FROM PUBLIC;
 
+-- A new instance of the source's orchestration and input whose history is the source's events
+-- with seq <= at_seq (current execution), then forked_from.  Default at_seq: every event before
+-- the first activity_failed / sub_orchestration_failed / orchestration_failed; with none, every
+-- event before a cancel request or the end.  Its first turn replays the copy with today's code
+-- and re-issues what the copy left open (the 'resume' message).  Values and custom status
+-- are those of the copied events.  Graph instances (pgdurable.*) are not forked.
+CREATE OR REPLACE FUNCTION fork(source_id text, at_seq integer DEFAULT NULL, new_id text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    id text := coalesce(new_id, replace(gen_random_uuid()::text, '-', ''));
+    cut integer := at_seq;
+    src_name text;
+    src_execution integer;
+    last_seq integer;
+    end_seq integer;
+    first_failure integer;
+    first_stop integer;
+    started jsonb;
+BEGIN
+    SELECT i.name, i.execution_id INTO src_name, src_execution FROM instances i WHERE i.instance_id = source_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'instance % not found', source_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF src_name LIKE 'pgdurable.%' THEN
+        RAISE EXCEPTION 'pgdurable.fork: % is a built-in orchestration; graph instances cannot be forked', src_name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    SELECT max(h.seq),
+           min(h.seq) FILTER (WHERE h.event_type IN ('orchestration_completed', 'orchestration_failed',
+                                                    'orchestration_cancelled', 'orchestration_terminated',
+                                                    'continued_as_new')),
+           min(h.seq) FILTER (WHERE h.event_type IN ('activity_failed', 'sub_orchestration_failed',
+                                                    'orchestration_failed')),
+           min(h.seq) FILTER (WHERE h.event_type IN ('cancel_requested', 'orchestration_completed',
+                                                    'orchestration_cancelled', 'orchestration_terminated',
+                                                    'continued_as_new'))
+    INTO last_seq, end_seq, first_failure, first_stop
+    FROM history h WHERE h.instance_id = source_id AND h.execution_id = src_execution;
+    SELECT h.payload INTO started FROM history h
+    WHERE h.instance_id = source_id AND h.execution_id = src_execution AND h.seq = 1
+      AND h.event_type = 'orchestration_started';
+    IF started IS NULL THEN
+        RAISE EXCEPTION 'pgdurable.fork: instance % has not started yet', source_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    cut := coalesce(cut, coalesce(first_failure, first_stop, last_seq + 1) - 1);
+    IF cut < 1 OR cut >= coalesce(end_seq, last_seq + 1) THEN
+        RAISE EXCEPTION 'pgdurable.fork: at_seq % is out of range: execution % of % has events 1..% before its end',
+            cut, src_execution, source_id, coalesce(end_seq, last_seq + 1) - 1
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO instances (instance_id, name, status, input, custom_status, execution_id, history_len)
+    VALUES (id, src_name, 'running', started -> 'input',
+            (SELECT c.payload -> 'value' FROM history c
+             WHERE c.instance_id = source_id AND c.execution_id = src_execution
+               AND c.event_type = 'custom_status_set' AND c.seq <= cut
+             ORDER BY c.seq DESC LIMIT 1),
+            1, cut + 1)
+    ON CONFLICT (instance_id) DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgdurable.fork: instance % already exists', id USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO history (instance_id, execution_id, seq, event_type, payload, recorded_at)
+    SELECT id, 1, h.seq, h.event_type, h.payload, h.recorded_at
+    FROM history h
+    WHERE h.instance_id = source_id AND h.execution_id = src_execution AND h.seq <= cut;
+    -- The copied orchestration_started names the execution whose ctx.new_uuid() / ctx.random()
+    -- stream the copy holds; a copy of an older history, whose start does not, gets it as 'seed'.
+    INSERT INTO history (instance_id, execution_id, seq, event_type, payload)
+    VALUES (id, 1, cut + 1, 'forked_from', jsonb_build_object('instance_id', source_id, 'at_seq', cut)
+        || CASE WHEN started ? 'instance_id' THEN '{}'::jsonb ELSE jsonb_build_object(
+               'seed', coalesce((SELECT f.payload ->> 'seed' FROM history f
+                                 WHERE f.instance_id = source_id AND f.execution_id = src_execution
+                                   AND f.event_type = 'forked_from'
+                                 ORDER BY f.seq LIMIT 1),
+                                source_id || '/' || src_execution)) END);
+    INSERT INTO instance_values (instance_id, key, value, execution_id, seq)
+    SELECT DISTINCT ON (h.payload ->> 'key') id, h.payload ->> 'key', h.payload -> 'value', 1, h.seq
+    FROM history h
+    WHERE h.instance_id = source_id AND h.execution_id = src_execution
+      AND h.event_type = 'value_set' AND h.seq <= cut
+    ORDER BY h.payload ->> 'key', h.seq DESC;
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    VALUES (id, 1, src_name, 'resume', '{}');
+    RETURN id;
+END $$;
+REVOKE ALL ON FUNCTION fork(text, integer, text) FROM PUBLIC;
+
 
 -- ======================================================================================
 -- 6. Roles and grants
@@ -363,12 +481,13 @@ DECLARE
     s text := current_schema();
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, role_name);
-    EXECUTE format('GRANT SELECT ON %1$I.instances, %1$I.history, %1$I.registry, %1$I.schema_migrations TO %2$I',
-                   s, role_name);
+    EXECUTE format('GRANT SELECT ON %1$I.instances, %1$I.history, %1$I.registry, %1$I.schema_migrations, '
+                   '%1$I.instance_values TO %2$I', s, role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.start(text, jsonb, text), %1$I.send(text, text, jsonb), '
-                   '%1$I.raise_event(text, text, jsonb), %1$I.cancel(text, text) TO %2$I', s, role_name);
+                   '%1$I.raise_event(text, text, jsonb), %1$I.cancel(text, text), '
+                   '%1$I.fork(text, integer, text) TO %2$I', s, role_name);
 END $$;
--- A worker also purges, which removes an instance's delivery keys with it.
+-- A worker also purges, which removes an instance's delivery keys and values with it.
 CREATE OR REPLACE FUNCTION grant_worker(role_name text) RETURNS void
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
@@ -376,7 +495,8 @@ DECLARE
 BEGIN
     PERFORM grant_client(role_name);  -- a worker's Runtime also has a client
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.instances, %1$I.orchestrator_queue, '
-                   '%1$I.work_queue, %1$I.timers, %1$I.workers, %1$I.registry TO %2$I', s, role_name);
+                   '%1$I.work_queue, %1$I.timers, %1$I.workers, %1$I.registry, %1$I.instance_values TO %2$I',
+                   s, role_name);
     EXECUTE format('GRANT SELECT, INSERT ON %1$I.history TO %2$I', s, role_name);
     EXECUTE format('GRANT SELECT, DELETE ON %1$I.event_deliveries TO %2$I', s, role_name);
 END $$;

@@ -4,6 +4,19 @@ Each event is one fact.  The ``data`` payload of each kind is documented next to
 it; ``task_id`` numbers the command that scheduled a task within an execution.
 The payload builders below are the one place error documents and the messages a
 child sends its parent are shaped.
+
+A cascaded stop says where it came from: the ``cancel_requested`` and
+``orchestration_terminated`` events of a child stopped with its parent carry
+``cascaded_from`` (the parent's id).  A fork's history starts with the source's
+events (``seq <= at_seq``) followed by ``forked_from``.  ``orchestration_started``
+names its execution, which seeds ``ctx.new_uuid()`` / ``ctx.random()``: a fork's copy
+keeps its source's stream (a copy of a history from before this was recorded gets the
+source's ``seed`` in ``forked_from`` instead).
+
+Graph workflows (``df.start``, ``App.graph``) record no kinds of their own: each
+node is an ordinary activity, timer, event wait or child, and a node's state
+(pending, running, completed, failed, skipped) is derived by replaying the
+history through the interpreter (``_graph/mermaid.py``), never stored.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ from __future__ import annotations
 import traceback as _traceback
 from typing import Any, Final
 
-ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, parent?}
+ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, instance_id, execution_id}
 ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input}
 ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result, attempts}
 ACTIVITY_FAILED: Final = "activity_failed"  # {task_id, error, attempts}
@@ -23,12 +36,18 @@ SUB_ORCHESTRATION_COMPLETED: Final = "sub_orchestration_completed"  # {task_id, 
 SUB_ORCHESTRATION_FAILED: Final = "sub_orchestration_failed"  # {task_id, instance_id, error}
 CUSTOM_STATUS_SET: Final = "custom_status_set"  # {value}
 VERSION_MARKER: Final = "version_marker"  # {change_id, version}
-CANCEL_REQUESTED: Final = "cancel_requested"  # {reason}
+CANCEL_REQUESTED: Final = "cancel_requested"  # {reason, cascaded_from?}
 CONTINUED_AS_NEW: Final = "continued_as_new"  # {input}
 ORCHESTRATION_COMPLETED: Final = "orchestration_completed"  # {output}
 ORCHESTRATION_FAILED: Final = "orchestration_failed"  # {error}
 ORCHESTRATION_CANCELLED: Final = "orchestration_cancelled"  # {reason}
-ORCHESTRATION_TERMINATED: Final = "orchestration_terminated"  # {reason}
+ORCHESTRATION_TERMINATED: Final = "orchestration_terminated"  # {reason, cascaded_from?}
+VALUE_SET: Final = "value_set"  # {key, value}: ctx.set_value; read by Client.get_value / wait_value
+FORKED_FROM: Final = "forked_from"  # {instance_id, at_seq, seed?}: Client.fork copied seq 1..at_seq of instance_id
+
+#: A message, never an event: the first turn of a fork re-issues the open commands of the
+#: copied history (work items, timers, children) and runs on.  Not in ALL_KINDS.
+RESUME: Final = "resume"
 
 #: Events that record a command the orchestration code issued (checked on replay).
 COMMAND_KINDS: Final = frozenset({ACTIVITY_SCHEDULED, TIMER_CREATED, SUB_ORCHESTRATION_SCHEDULED})
@@ -58,7 +77,8 @@ TERMINAL_KINDS: Final = frozenset(
     }
 )
 
-ALL_KINDS: Final = COMMAND_KINDS | MESSAGE_KINDS | TERMINAL_KINDS | {CUSTOM_STATUS_SET, VERSION_MARKER}
+ALL_KINDS: Final = COMMAND_KINDS | MESSAGE_KINDS | TERMINAL_KINDS | {CUSTOM_STATUS_SET, VERSION_MARKER, VALUE_SET,
+                                                                    FORKED_FROM}
 
 
 # -- payloads -------------------------------------------------------------------------

@@ -187,13 +187,6 @@ async def cmd_terminate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_purge(args: argparse.Namespace) -> int:
-    async with client_for(args) as client:
-        await client.purge(args.id)
-    _print(f"purged {args.id}")
-    return 0
-
-
 async def cmd_graph(args: argparse.Namespace) -> int:
     """Print a graph workflow instance as Mermaid, each node with its state."""
     app = load_app(args.app) if args.app else None

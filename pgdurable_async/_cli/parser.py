@@ -6,9 +6,9 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from .._base.types import Status
+from .._base.types import TERMINAL_STATUSES, Status
 from .._base.version import __version__
-from . import admin
+from . import admin, lifecycle
 from .dashboard import cmd_dashboard
 from .devtools import DSN_ENV, cmd_bench, cmd_demo
 from .worker import cmd_migrate, cmd_worker
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--poll-interval", type=positive, default=0.5, metavar="S", help="poll period with --wake poll (default 0.5)"
     )
+    p.add_argument("--retention", type=lifecycle.duration, metavar="DURATION",
+                   help="purge finished instances not updated for this long (e.g. 30d), at each sweep")
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
@@ -91,8 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, func, text)
         p.add_argument("id", help="instance id")
         p.add_argument("--reason", help="recorded reason")
-    p = add("purge", admin.cmd_purge, "delete a finished instance and its history")
-    p.add_argument("id", help="instance id")
+    p = add("purge", lifecycle.cmd_purge,
+            "delete a finished instance, or all not updated for a while, with their children and history")
+    p.add_argument("id", nargs="?", help="instance id")
+    p.add_argument("--older-than", type=lifecycle.duration, metavar="DURATION",
+                   help="every finished instance not updated for this long (e.g. 30d, 12h)")
+    p.add_argument("--status", choices=sorted(TERMINAL_STATUSES), help="with --older-than: only this status")
+    p = add("fork", lifecycle.cmd_fork, "start a copy of an instance's history up to a point, run on with today's code")
+    p.add_argument("id", help="instance id to fork")
+    p.add_argument("--at-seq", type=count, metavar="N",
+                   help="copy events 1..N (default: every event before the first failure)")
+    p.add_argument("--id", dest="new_id", metavar="NEW_ID", help="the new instance's id (default: generated)")
+    p = add("replay", lifecycle.cmd_replay, "replay saved histories (history ID --json) against an app's code",
+            needs_dsn=False)
+    p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the pgd.App whose code to check")
+    p.add_argument("files", nargs="+", metavar="FILE", help="history files")
+    p.add_argument("--instance-id", metavar="ID",
+                   help="the instance the histories belong to (default: the one each history records, "
+                        "else the file's name without its extension); it seeds ctx.new_uuid / ctx.random")
     p = add("graph", admin.cmd_graph, "print a graph workflow as Mermaid with each node's state")
     p.add_argument("id", help="instance id")
     p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")

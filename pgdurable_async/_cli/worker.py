@@ -54,6 +54,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         sweep_interval=args.sweep_interval,
         wake=args.wake,
         poll_interval=args.poll_interval,
+        retention=args.retention,
     )
     # Runtime.stop() must run in the task and cancel-scope level that started it,
     # so the second-signal watcher's task group encloses the runtime.

@@ -1,4 +1,4 @@
-"""The client: start, query, signal and wait for instances."""
+"""The client: start, query, signal and wait for instances; fork, terminate and purge them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import builtins
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -25,12 +26,13 @@ from .._base.errors import (
 from .._base.errors import TimeoutError as DurableTimeout
 from .._base.names import check_id, is_reserved, name_of
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode
-from .._base.types import HistoryEvent, InstanceState, Status
+from .._base.types import TERMINAL_STATUSES, HistoryEvent, InstanceState, Status
 from .._store import Database, instance_store, turn_store
 from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import require_current
 
 _RECHECK_SECONDS = 30.0  # safety re-check while waiting, in case a NOTIFY was missed
+_PURGE_BATCH = 100  # finished instances (with their descendants) per purge transaction
 
 
 class InstanceHandle:
@@ -61,6 +63,12 @@ class InstanceHandle:
 
     async def terminate(self, reason: str | None = None) -> None:
         await self.client.terminate(self.instance_id, reason)
+
+    async def get_value(self, key: str, default: Any = None) -> Any:
+        return await self.client.get_value(self.instance_id, key, default)
+
+    async def wait_value(self, key: str, timeout: float | None = None) -> Any:
+        return await self.client.wait_value(self.instance_id, key, timeout=timeout)
 
 
 class Client:
@@ -100,8 +108,11 @@ class Client:
         self._on_sent = _on_sent
         self._checked = False
         self._registered: set[str] = set()
-        self._listener = Listener(self.db, {self.db.channel("done"): self._on_done}, on_lost=self._wake_all)
-        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._listener = Listener(self.db, {
+            self.db.channel("done"): lambda instance_id: self._wake("done", instance_id),
+            self.db.channel("value"): lambda instance_id: self._wake("value", instance_id),
+        }, on_lost=self._wake_all)
+        self._waiters: dict[tuple[str, str], set[anyio.Event]] = {}  # (channel kind, instance id) -> waits
         self._deciding = anyio.Lock()  # concurrent first waits run one start-up test
 
     async def __aenter__(self) -> Client:
@@ -249,7 +260,10 @@ class Client:
         await self._send(instance_id, ev.EVENT_RECEIVED, body)
 
     async def cancel(self, instance_id: str, reason: str | None = None) -> None:
-        """Ask the instance to stop: ``pgd.Cancelled`` is raised at its current await."""
+        """Ask the instance to stop: ``pgd.Cancelled`` is raised at its current await.
+
+        The turn that records the cancel passes it on to the instance's unfinished children.
+        """
         body = encode({"reason": reason}, what="cancel reason", limit=self.max_payload_bytes)
         await self._send(instance_id, ev.CANCEL_REQUESTED, body)
 
@@ -261,7 +275,7 @@ class Client:
         self._sent()
 
     async def terminate(self, instance_id: str, reason: str | None = None) -> None:
-        """Stop the instance now, without running any more of its code."""
+        """Stop the instance and its unfinished descendants now, running no more of their code."""
         check_id(instance_id)
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgument(f"reason must be a string, not {type(reason).__name__}")
@@ -271,11 +285,84 @@ class Client:
         await db.run(lambda conn: instance_store.terminate(conn, instance_id=instance_id, reason=reason))
 
     async def purge(self, instance_id: str) -> None:
-        """Delete a finished instance and its history."""
+        """Delete a finished instance, its finished descendants and their history."""
         check_id(instance_id)
         db = await self._ready()
 
         await db.run(lambda conn: instance_store.purge(conn, instance_id=instance_id))
+
+    async def purge_finished(self, older_than: timedelta, *, status: Status | str | None = None) -> int:
+        """Purge finished instances not updated for ``older_than``, each with its finished descendants.
+
+        Works in small transactions (rows a turn holds are skipped); returns how many were purged.
+        """
+        if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
+            raise InvalidArgument("older_than must be a positive timedelta")
+        try:
+            status_value = None if status is None else Status(status).value
+        except ValueError:
+            status_value = str(status)
+        if status_value is not None and status_value not in TERMINAL_STATUSES:
+            raise InvalidArgument(f"status must be a finished status ({', '.join(sorted(TERMINAL_STATUSES))}), "
+                                  f"not {status!r}")
+        db = await self._ready()
+        total = 0
+        while True:
+            purged = await db.run(lambda conn: instance_store.purge_finished(
+                conn, older_than=older_than, status=status_value, limit=_PURGE_BATCH))
+            if not purged:
+                return total
+            total += purged
+
+    # -- forking ----------------------------------------------------------------------
+    async def fork(
+        self, instance_id: str, *, at_seq: int | None = None, new_instance_id: str | None = None
+    ) -> InstanceHandle:
+        """Start a new instance of the same orchestration and input whose history begins as
+        ``instance_id``'s events with ``seq <= at_seq``, then a ``forked_from`` event.
+
+        Default ``at_seq``: every event before the first ``activity_failed``,
+        ``sub_orchestration_failed`` or ``orchestration_failed`` (with none, before a
+        cancel request or the end).  The new instance replays the copy with today's code
+        (``NonDeterminismError`` if it disagrees) and runs on; completed activities are not
+        repeated, and what the copy left open is issued again.
+        """
+        check_id(instance_id)
+        if at_seq is not None and (not isinstance(at_seq, int) or isinstance(at_seq, bool) or at_seq < 1):
+            raise InvalidArgument(f"at_seq must be a positive integer, not {at_seq!r}")
+        generated = new_instance_id is None
+        new_id = uuid.uuid4().hex if new_instance_id is None else check_id(new_instance_id, "new_instance_id")
+        db = await self._ready()
+        await db.run(
+            lambda conn: instance_store.fork(conn, instance_id=instance_id, at_seq=at_seq, new_instance_id=new_id,
+                                             fresh_id=generated),
+            transaction=False,
+        )
+        return InstanceHandle(self, new_id)
+
+    # -- durable values ---------------------------------------------------------------
+    async def get_value(self, instance_id: str, key: str, default: Any = None) -> Any:
+        """The value the instance last set for ``key`` (``ctx.set_value``), or ``default``.
+
+        Values stay readable after the instance finishes; raises :class:`InstanceNotFound`.
+        """
+        found, value = await self._read_value(instance_id, key)
+        return value if found else default
+
+    async def wait_value(self, instance_id: str, key: str, timeout: float | None = None) -> Any:
+        """Wait until the instance has set ``key`` and return its value (at once if it already has).
+
+        Woken by NOTIFY, no polling; raises :class:`pgd.TimeoutError` after ``timeout`` seconds.
+        """
+        return await self._wait_for("value", instance_id, timeout, lambda: self._read_value(instance_id, key),
+                                    f"instance {instance_id!r} did not set {key!r} within {timeout} s")
+
+    async def _read_value(self, instance_id: str, key: str) -> tuple[bool, Any]:
+        check_id(instance_id)
+        check_id(key, "value key")
+        db = await self._ready()
+        return await db.run(lambda conn: instance_store.get_value(conn, instance_id=instance_id, key=key),
+                            transaction=False)
 
     # -- waiting ----------------------------------------------------------------------
     async def wait(self, instance_id: str, timeout: float | None = None) -> Any:
@@ -285,20 +372,33 @@ class Client:
         Woken by NOTIFY, no polling; with ``wake="poll"`` it reads the status every
         ``poll_interval`` seconds instead.
         """
+
+        async def finished() -> tuple[bool, Any]:
+            state = await self._status(instance_id, waits=False)
+            return (True, _outcome(state)) if state.status.is_terminal else (False, None)
+
+        return await self._wait_for("done", instance_id, timeout, finished,
+                                    f"instance {instance_id!r} did not finish within {timeout} s")
+
+    async def _wait_for(
+        self, kind: str, instance_id: str, timeout: float | None,
+        check: Callable[[], Awaitable[tuple[bool, Any]]], late: str,
+    ) -> Any:
+        """Re-run ``check`` on each NOTIFY of channel ``kind`` for ``instance_id`` until it is done."""
         check_id(instance_id)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         polling = await self._ensure_listener()
+        key = (kind, instance_id)
         while True:
             event = anyio.Event()
-            self._waiters.setdefault(instance_id, set()).add(event)
+            self._waiters.setdefault(key, set()).add(event)
             try:
-                state = await self._status(instance_id, waits=False)
-                if state.status.is_terminal:
-                    return _outcome(state)
+                done, value = await check()
+                if done:
+                    return value
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
-                    raise DurableTimeout(f"instance {instance_id!r} did not finish within {timeout} s",
-                                         instance_id=instance_id)
+                    raise DurableTimeout(late, instance_id=instance_id)
                 if polling:
                     await anyio.sleep(min(remaining, self.poll_interval))
                     continue
@@ -307,11 +407,11 @@ class Client:
                         await event.wait()  # set by the NOTIFY, or when the session dies
                 await self._ensure_listener()  # reconnects if the session was lost; then we re-check
             finally:
-                waiters = self._waiters.get(instance_id)
+                waiters = self._waiters.get(key)
                 if waiters is not None:
                     waiters.discard(event)
                     if not waiters:
-                        del self._waiters[instance_id]
+                        del self._waiters[key]
 
     async def _ensure_listener(self) -> bool:
         """Make sure the LISTEN session is up; True instead when waits poll (wake="poll")."""
@@ -326,8 +426,8 @@ class Client:
         await self._listener.ensure()
         return False
 
-    def _on_done(self, instance_id: str) -> None:
-        for event in self._waiters.get(instance_id, ()):
+    def _wake(self, kind: str, instance_id: str) -> None:
+        for event in self._waiters.get((kind, instance_id), ()):
             event.set()
 
     def _wake_all(self) -> None:

@@ -52,7 +52,12 @@ class OrchestrationContext:
 
     def __init__(self, engine: Execution) -> None:
         self._engine = engine
-        seed = hashlib.sha256(f"{engine.instance_id}/{engine.execution_id}".encode()).digest()
+        self._reseed(f"{engine.instance_id}/{engine.execution_id}")
+
+    def _reseed(self, seed_key: str) -> None:
+        """Derive ``new_uuid`` / ``random`` from ``seed_key`` ("<instance>/<execution>"; a fork keeps its source's)."""
+        self._seed_key = seed_key
+        seed = hashlib.sha256(seed_key.encode()).digest()
         self._rng = _random.Random(int.from_bytes(seed[:8], "big"))
         self._uuid_counter = 0
 
@@ -129,7 +134,7 @@ class OrchestrationContext:
     def new_uuid(self) -> uuid.UUID:
         """A UUID that is the same on every replay."""
         self._uuid_counter += 1
-        return uuid.uuid5(_UUID_NAMESPACE, f"{self.instance_id}/{self.execution_id}/{self._uuid_counter}")
+        return uuid.uuid5(_UUID_NAMESPACE, f"{self._seed_key}/{self._uuid_counter}")
 
     def random(self) -> DeterministicRandom:
         """A deterministic float in [0, 1) (with ``random.Random`` methods on it)."""
@@ -145,6 +150,20 @@ class OrchestrationContext:
         self._engine.custom_status = stored
         self._engine.custom_status_changed = True
         self._engine.emit(ev.CUSTOM_STATUS_SET, {"value": stored})
+
+    def set_value(self, key: str, value: Any) -> None:
+        """Publish a named JSON value (progress, agent state, a partial result).
+
+        Recorded as a ``value_set`` event; clients read it with ``Client.get_value`` and
+        ``Client.wait_value``, also after the instance has finished.  Setting a key again
+        replaces its value.
+        """
+        check_id(key, "value key")
+        stored = self._engine.check_payload(value, f"value {key!r}")
+        if self._engine.stopped:
+            return  # after a fault or the end: recorded nowhere
+        self._engine.values[key] = stored
+        self._engine.emit(ev.VALUE_SET, {"key": key, "value": stored})
 
     def version(self, change_id: str, *, default: int = 1, latest: int) -> int:
         """Which code path to take at ``change_id``: ``latest`` for new progress,

@@ -23,7 +23,9 @@ from .._base.errors import TimeoutError as DurableTimeout
 from .._base.events import error_payload
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode, normalize
 from .context import ContinueAsNew, OrchestrationContext
+from .lineage import generated_child_id, seed_of
 from .tasks import ActivityTask, ChildTask, EventTask, FiberTask, Task, TimerTask
+from .waits import event_waits
 
 OrchestrationFn = Callable[[OrchestrationContext, Any], Coroutine[Any, Any, Any]]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -69,10 +71,13 @@ class Execution:
         self.replaying = False
         self.custom_status: Any = None
         self.custom_status_changed = False
+        self.values: dict[str, Any] = {}  # ctx.set_value, as recorded so far
         self.outcome: Event | None = None  # the terminal event, once there is one
         self._next_task_id = 1
         self._tasks: dict[int, Task[Any]] = {}
         self._recorded_commands: dict[int, Event] = {}
+        self._replayed_commands: dict[int, Event] = {}  # recorded commands the code issued again
+        self._last_recorded: str | None = None  # kind of the last recorded event replayed
         self._versions: dict[str, int] = {}
         self._ready: deque[tuple[_Fiber, BaseException | None]] = deque()
         self._main: _Fiber | None = None
@@ -92,6 +97,25 @@ class Execution:
         return self.outcome is not None
 
     @property
+    def fault(self) -> NonDeterminismError | None:
+        """Why replay disagreed with the history (None while it agrees)."""
+        return self._fault
+
+    @property
+    def resumable(self) -> bool:
+        """True when the history ends with ``forked_from``: a fork whose first turn has not run."""
+        return self._last_recorded == ev.FORKED_FROM and not self.stopped
+
+    def open_commands(self) -> list[Event]:
+        """Recorded commands whose tasks have no result yet, in task order.
+
+        A fork's first turn re-issues them: the copied history holds their
+        ``*_scheduled`` / ``timer_created`` events, but no work item, timer or child.
+        """
+        return [event for task_id, event in sorted(self._replayed_commands.items())
+                if not self._tasks[task_id].done()]
+
+    @property
     def stopped(self) -> bool:
         """True once nothing more may be recorded: after a fault, the end, or :meth:`close`."""
         return self._fault is not None or self.outcome is not None or self.closing
@@ -100,12 +124,17 @@ class Execution:
         """Rebuild state from the recorded history of this execution."""
         events = list(history)
         self._index(events)
-        self._remaining_recorded = len(events)
+        # A fork's forked_from marker is no turn of the code: commands issued after the last
+        # copied event are new progress (they follow the marker), not a disagreement.
+        self._remaining_recorded = sum(e.kind != ev.FORKED_FROM for e in events)
         for event in events:
-            self._remaining_recorded -= 1
+            self._remaining_recorded -= event.kind != ev.FORKED_FROM
             self.history_len += 1
+            self._last_recorded = event.kind
             if self._fault is None and self.outcome is None:
                 self._apply(event, recorded=True)
+                if self._remaining_recorded == 0:
+                    self.replaying = False  # what the code does after the last recorded event is new
                 self._settle(final=False)
         self._remaining_recorded = 0
         ended = bool(events) and events[-1].kind in ev.TERMINAL_KINDS
@@ -118,7 +147,7 @@ class Execution:
             )
         if self._fault is not None:
             self.outcome = None  # replay disagreed: whatever ending the code reached, it fails below
-        elif self.outcome is not None and not ended:
+        elif self.outcome is not None and not ended and all(e is not self.outcome for e in self._new):
             self._record(self.outcome)  # code now ends where the history did not record it
         self._settle()
         self.replaying = False
@@ -157,7 +186,8 @@ class Execution:
         return new
 
     def _index(self, events: list[Event]) -> None:
-        """Collect the recorded commands (by task id) and version markers."""
+        """Collect the recorded commands (by task id), version markers and the uuid/random seed."""
+        seeded = False
         for event in events:
             try:
                 if event.kind in ev.COMMAND_KINDS:
@@ -168,33 +198,18 @@ class Execution:
                     self._recorded_commands[task_id] = event
                 elif event.kind == ev.VERSION_MARKER:
                     self._versions[str(event.data.get("change_id"))] = int(event.data.get("version", 1))
+                elif event.kind in (ev.ORCHESTRATION_STARTED, ev.FORKED_FROM) and not seeded:
+                    seed = seed_of(event)  # whose execution drew the recorded uuids (a fork's copy: its source's)
+                    if seed is not None:
+                        seeded = True
+                        self.ctx._reseed(seed)
             except (TypeError, ValueError, AttributeError) as exc:
                 self._nondeterminism(f"malformed history event {event.kind!r}: {exc}")
                 return
 
     def event_waits(self) -> dict[str, Any] | None:
-        """What history cannot say: the ``wait_for_event`` calls blocked now, and the timers
-        that are only event timeouts (the user never asked for them), or None for neither.
-
-        ``{"events": [{name, since, until?, timer?}], "timers": [task ids]}``; a turn stores it
-        beside the instance row for ``InstanceState.waiting_on``.
-        """
-        if self.stopped:
-            return None
-        self._timeout_timers = [t for t in self._timeout_timers if not t.done()]
-        events = []
-        for name, waiters in self._waiters.items():
-            for task in waiters:
-                if task.done():
-                    continue
-                wait: dict[str, Any] = {"name": name, "since": (task.since or self.now).isoformat()}
-                if task.timeout_at is not None:
-                    wait["until"] = task.timeout_at.isoformat()
-                if task.timer is not None and task.timer.task_id is not None:
-                    wait["timer"] = task.timer.task_id
-                events.append(wait)
-        timers = [t.task_id for t in self._timeout_timers if t.task_id is not None]
-        return {"events": events, "timers": timers} if events or timers else None
+        """What history cannot say it waits on (see :func:`pgdurable_async._engine.waits.event_waits`)."""
+        return event_waits(self)
 
     def pending_events(self) -> list[dict[str, Any]]:
         """Raised events nobody has consumed yet (carried over by continue_as_new)."""
@@ -210,10 +225,13 @@ class Execution:
         self._tasks[task_id] = task
         recorded = self._recorded_commands.pop(task_id, None)
         if recorded is not None:
+            self._replayed_commands[task_id] = recorded
             if recorded.kind != kind or not _same_command(kind, recorded.data, data):
                 self._nondeterminism(
                     f"command #{task_id}: history records {recorded.kind} "
                     f"{recorded.data.get('name', '')!r} but the code issued {kind} {data.get('name', '')!r}"
+                    + (" with another input" if recorded.kind == kind and recorded.data.get("name") == data.get("name")
+                       else "")
                 )
             return
         if self.replaying and self._remaining_recorded > 0:
@@ -227,6 +245,9 @@ class Execution:
     def schedule_child(self, task: ChildTask[Any]) -> None:
         task_id = self._next_task_id
         child_id = task.instance_id or f"{self.instance_id}:{self.execution_id}:{task_id}"
+        recorded = self._recorded_commands.get(task_id)
+        if task.instance_id is None and recorded is not None and generated_child_id(recorded, task_id):
+            child_id = str(recorded.data["instance_id"])  # a fork's copied history names the source's child
         task.instance_id = child_id
         data = {"name": task.name, "instance_id": child_id, "input": task.input}
         self.schedule(task, ev.SUB_ORCHESTRATION_SCHEDULED, data)
@@ -320,9 +341,11 @@ class Execution:
                 self._deliver(str(data.get("name")), data.get("data"))
             elif kind == ev.CANCEL_REQUESTED:
                 self._cancel(data.get("reason"))
-            elif kind in (ev.CUSTOM_STATUS_SET, ev.VERSION_MARKER):
+            elif kind in (ev.CUSTOM_STATUS_SET, ev.VERSION_MARKER, ev.FORKED_FROM):
                 if kind == ev.CUSTOM_STATUS_SET:
                     self.custom_status = data.get("value")
+            elif kind == ev.VALUE_SET:
+                self.values[str(data["key"])] = data.get("value")
             elif kind in ev.TERMINAL_KINDS:
                 self.outcome = event
             else:

@@ -24,6 +24,7 @@ from .._base.errors import Cancelled, DatabaseError, SerializationError
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps, encode
 from .._store import Connection, Database, work_store
 from .._store.records import Outcome, WorkItem
+from .clock import Clock
 from .wakeup import Wakeup
 
 log = logging.getLogger("pgdurable_async.activities")
@@ -42,8 +43,10 @@ class ActivityWorker:
         lease_seconds: float = 30.0,
         claim_batch: int = 512,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        clock: Clock | None = None,
     ) -> None:
         self.db = db
+        self.clock = clock or Clock()
         self.app = app
         self.names = sorted(app.activities)
         self.worker_id = worker_id
@@ -74,7 +77,8 @@ class ActivityWorker:
             return []
         items = await self.db.run(
             lambda conn: work_store.claim_work(
-                conn, names=self.names, limit=want, lease_seconds=self.lease_seconds, owner=self.worker_id
+                conn, names=self.names, limit=want, lease_seconds=self.lease_seconds, owner=self.worker_id,
+                offset=self.clock.offset,
             ),
             transaction=False,
         )
@@ -86,7 +90,8 @@ class ActivityWorker:
     async def next_due(self) -> float | None:
         """Seconds until the earliest queued item becomes visible (None: queue empty), by the database's clock."""
         due: float | None = await self.db.run(
-            lambda conn: work_store.next_work_due(conn, names=self.names), transaction=False
+            lambda conn: work_store.next_work_due(conn, names=self.names, offset=self.clock.offset),
+            transaction=False,
         )
         return None if due is None else max(0.0, due)
 
@@ -193,7 +198,7 @@ class ActivityWorker:
             if acks:
                 await work_store.ack_work(conn, acks)
             if retries:
-                await work_store.retry_work(conn, retries)
+                await work_store.retry_work(conn, retries, offset=self.clock.offset)
 
         try:  # one statement needs no explicit transaction (it is atomic on its own)
             await self.db.run(write, retry_for=math.inf, transaction=bool(retries))
@@ -214,7 +219,8 @@ class ActivityWorker:
         tokens = [i.lease_token for i in self.inflight.values() if not self.app.activities[i.name].transactional]
         if tokens:
             await self.db.run(
-                lambda conn: work_store.extend_leases(conn, tokens=tokens, lease_seconds=self.lease_seconds),
+                lambda conn: work_store.extend_leases(conn, tokens=tokens, lease_seconds=self.lease_seconds,
+                                                      offset=self.clock.offset),
                 transaction=False,
             )
 

@@ -14,6 +14,7 @@ loops run once anyway, so a missed notification costs latency, never work.
 no LISTEN session: a ticker wakes every loop each ``poll_interval`` seconds, and the
 worker's liveness is a heartbeat with an expiry instead of its session's backend.
 ``wake="auto"`` (the default) tests at start whether LISTEN works and picks one.
+With ``retention``, each sweep also purges old finished instances in small batches.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import os
 import socket
 import uuid
+from datetime import timedelta
 from types import TracebackType
 
 import anyio
@@ -37,7 +39,9 @@ from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import migrate_connection, require_current
 from .._store.records import WorkItem
 from .activities import ActivityWorker
+from .clock import Clock
 from .loops import StepsInFlight, deadline, guarded
+from .retention import Retention
 from .timers import TimerLoop
 from .turns import TurnProcessor
 from .wakeup import Wakeup
@@ -70,6 +74,7 @@ class Runtime:
         worker_id: str | None = None,
         wake: str = "auto",
         poll_interval: float = 0.5,
+        retention: timedelta | None = None,
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
@@ -86,8 +91,10 @@ class Runtime:
         self.poll_interval = poll_interval
         self.client = Client(app=app, max_payload_bytes=max_payload_bytes, wake=wake, poll_interval=poll_interval,
                              _db=self.db, _on_sent=self._client_sent)
+        self.clock = Clock()  # the database's clock; only testing.Environment moves its offset
         self.turns = TurnProcessor(
-            self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes
+            self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes,
+            clock=self.clock,
         )
         self.activities = ActivityWorker(
             self.db,
@@ -96,7 +103,9 @@ class Runtime:
             max_concurrency=max_concurrency,
             lease_seconds=lease_seconds,
             max_payload_bytes=max_payload_bytes,
+            clock=self.clock,
         )
+        self.retention = None if retention is None else Retention(self.db, retention)
         self.turn_concurrency = turn_concurrency
         self.lease_seconds = lease_seconds
         self.sweep_interval = sweep_interval
@@ -117,7 +126,7 @@ class Runtime:
             self.db.channel("timer"): lambda _payload: self._timer.set(),
         })
         self._timers = TimerLoop(self.db, sorted(app.orchestrations), self._timer, on_fired=self._orch.set,
-                                 steps=self._steps)
+                                 steps=self._steps, clock=self.clock)
         self._blocked_polls = 0
 
     # -- lifecycle ----------------------------------------------------------------
@@ -149,6 +158,8 @@ class Runtime:
         self._tg.start_soon(self._ack_loop)
         self._tg.start_soon(self._lease_loop)
         self._tg.start_soon(self._timers.run, self._stopping.is_set)
+        if self.retention is not None:
+            self._tg.start_soon(self.retention.run, self._stopping.is_set)
         with anyio.move_on_after(10):
             await listener_ready.wait()
 
@@ -268,6 +279,8 @@ class Runtime:
         with contextlib.suppress(DatabaseError):
             await self.db.run(worker_store.release_dead_leases, retry_for=5)
         self.wake_all()
+        if self.retention is not None:
+            self.retention.due()  # purged by its own loop, off the LISTEN session
 
     # -- loops --------------------------------------------------------------------------
     async def _turn_loop(self) -> None:

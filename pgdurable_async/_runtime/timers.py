@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .._store import Database, timer_store
+from .clock import Clock
 from .loops import StepsInFlight, guarded
 from .wakeup import Wakeup
 
@@ -22,8 +23,10 @@ class TimerLoop:
         *,
         on_fired: Callable[[], None],
         steps: StepsInFlight,
+        clock: Clock | None = None,
     ) -> None:
         self.db = db
+        self.clock = clock or Clock()
         self.orchestrations = list(orchestrations)
         self.wakeup = wakeup
         self.on_fired = on_fired
@@ -41,7 +44,7 @@ class TimerLoop:
                 with self.steps:
                     fired = await self.db.run(
                         lambda conn: timer_store.fire_timers(conn, orchestrations=self.orchestrations,
-                                                             limit=FIRE_BATCH)
+                                                             limit=FIRE_BATCH, offset=self.clock.offset)
                     )
                 if fired:
                     self.on_fired()
@@ -49,7 +52,9 @@ class TimerLoop:
                     wait_for = 0.0
                     return
                 due_in = await self.db.run(
-                    lambda conn: timer_store.next_timer(conn, orchestrations=self.orchestrations), transaction=False
+                    lambda conn: timer_store.next_timer(conn, orchestrations=self.orchestrations,
+                                                        offset=self.clock.offset),
+                    transaction=False,
                 )
                 if due_in is not None:  # the database's clock, as fire_timers: a skewed worker clock is harmless
                     wait_for = max(0.0, due_in) + 0.002

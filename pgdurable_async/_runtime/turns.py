@@ -4,6 +4,12 @@ Several instances share a transaction (a batch), and every write is one
 multi-row statement for the whole batch.  Replay state is kept in an LRU cache
 and reused when the stored history length matches, so a turn that adds k events
 costs O(k), not O(history).
+
+Lifecycle facts ride on the same transaction: a recorded ``cancel_requested``
+queues a cancel for each unfinished child (which cascades in its own turn), a
+``value_set`` upserts the instance's durable value, and a fork's first turn (its
+``resume`` message) re-issues the work items, timers and children its copied
+history left open.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from .._app import App
 from .._base import events as ev
@@ -32,8 +39,10 @@ from .._store.records import (
     Message,
     MessageWrite,
     TimerWrite,
+    ValueWrite,
     WorkWrite,
 )
+from .clock import Clock
 
 log = logging.getLogger("pgdurable_async.turns")
 
@@ -63,6 +72,9 @@ class _Writes:
     updates: list[InstanceUpdate] = field(default_factory=list)
     consumed: list[int] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    values: list[ValueWrite] = field(default_factory=list)
+    cancels: list[tuple[str, str]] = field(default_factory=list)  # (parent id, cancel payload) for its children
+    child_cancels: list[MessageWrite] = field(default_factory=list)  # children started in this turn, then cancelled
 
 
 def _to_parent(row: InstanceRow, kind: str, payload: dict[str, object]) -> MessageWrite:
@@ -82,9 +94,11 @@ class TurnProcessor:
         batch_size: int = 32,
         cache_size: int = 10_000,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        clock: Clock | None = None,
     ) -> None:
         self.db = db
         self.app = app
+        self.clock = clock or Clock()
         self.names = sorted(app.orchestrations)
         self.batch_size = batch_size
         self.cache_size = cache_size
@@ -152,14 +166,15 @@ class TurnProcessor:
     async def _claim(self, conn: Connection) -> list[InstanceRow]:
         """Lock a batch of instances that have messages (skipping quarantined ones)."""
         return await turn_store.claim_instances(
-            conn, names=self.names, limit=self.batch_size, scan=self.batch_size * 4, excluded=self._excluded()
+            conn, names=self.names, limit=self.batch_size, scan=self.batch_size * 4, excluded=self._excluded(),
+            offset=self.clock.offset,
         )
 
     async def _claimable(self, conn: Connection) -> list[str]:
         return [r.instance_id for r in await self._claim(conn)]
 
     async def _fail_instance(self, conn: Connection, instance_id: str, exc: Exception) -> None:
-        row = await turn_store.lock_instance(conn, instance_id=instance_id)
+        row = await turn_store.lock_instance(conn, instance_id=instance_id, offset=self.clock.offset)
         if row is None or row.status in TERMINAL_STATUSES:
             return
         self._forget(instance_id)
@@ -185,7 +200,8 @@ class TurnProcessor:
         if only is None:
             rows = await self._claim(conn)
         else:
-            rows = [r for r in [await turn_store.lock_instance(conn, instance_id=only)] if r is not None]
+            rows = [r for r in [await turn_store.lock_instance(conn, instance_id=only, offset=self.clock.offset)]
+                    if r is not None]
         if not rows:
             return 0
         inbox: dict[str, list[Message]] = defaultdict(list)
@@ -194,20 +210,25 @@ class TurnProcessor:
 
         now = rows[0].db_now  # the database's clock: history times, ctx.now() and timers agree with fire_timers
         w = _Writes()
-        live: list[tuple[InstanceRow, list[Message]]] = []
+        live: list[tuple[InstanceRow, list[Message], bool]] = []
         for row in rows:
             msgs = inbox.get(row.instance_id, [])
             w.consumed.extend(m.id for m in msgs)
             current = [m for m in msgs if m.execution_id in (None, row.execution_id)]
             current.sort(key=lambda m: m.kind != ev.ORCHESTRATION_STARTED)  # a start goes first (stable)
-            if row.status in TERMINAL_STATUSES or not current:
+            resume = any(m.kind == ev.RESUME for m in current)  # a message, never an event
+            current = [m for m in current if m.kind != ev.RESUME]
+            if row.status in TERMINAL_STATUSES or not (current or resume):
                 continue
-            live.append((row, current))
-        await self._load(conn, [row for row, _ in live], runs)
+            live.append((row, current, resume))
+        await self._load(conn, [row for row, _, _ in live], runs)
 
-        for row, current in live:
+        for row, current, resume in live:
             execution = runs[row.instance_id]
-            new_events = execution.advance([(m.kind, m.payload) for m in current], now)
+            if resume and execution.resumable:  # only a fork's first turn: nothing is issued twice
+                for command in execution.open_commands():
+                    self._command(row, command.kind, command.data, w, reissue=True)
+            new_events = execution.advance([_fact(row, m) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
         await self._write(conn, w)
@@ -282,21 +303,24 @@ class TurnProcessor:
         instance_id, execution_id, name = row.instance_id, row.execution_id, row.name
         status = "running"
         output = error = next_input = None
+        values: dict[str, ValueWrite] = {}
+        children_now: list[str] = []  # children this turn starts, in order
         for offset, event in enumerate(events, start=1):
             data = event.data
             w.history.append(HistoryWrite(instance_id, execution_id, base + offset, event.kind, dumps(data),
                                           event.recorded_at))
             kind = event.kind
-            if kind == ev.ACTIVITY_SCHEDULED:
-                retry = data.get("retry")
-                w.work.append(WorkWrite(instance_id, execution_id, data["task_id"], name, data["name"],
-                                        dumps(data.get("input")), None if retry is None else dumps(retry)))
-            elif kind == ev.TIMER_CREATED:
-                fire_at = datetime.fromisoformat(data["fire_at"])
-                w.timers.append(TimerWrite(instance_id, execution_id, data["task_id"], name, fire_at))
-            elif kind == ev.SUB_ORCHESTRATION_SCHEDULED:
-                w.children.append(ChildWrite(data["instance_id"], data["name"], dumps(data.get("input")),
-                                             instance_id, execution_id, data["task_id"]))
+            if kind in ev.COMMAND_KINDS:
+                self._command(row, kind, data, w)
+                if kind == ev.SUB_ORCHESTRATION_SCHEDULED:
+                    children_now.append(data["instance_id"])
+            elif kind == ev.VALUE_SET:
+                values[data["key"]] = ValueWrite(instance_id, data["key"], dumps(data.get("value")), execution_id,
+                                                 base + offset)
+            elif kind == ev.CANCEL_REQUESTED:  # the cancel reaches the children, each in its own turn
+                cascade = dumps({**data, "cascaded_from": instance_id})
+                w.cancels.append((instance_id, cascade))
+                w.child_cancels.extend(MessageWrite(c, None, ev.CANCEL_REQUESTED, cascade) for c in children_now)
             elif kind in _FINAL_STATUS:
                 status = _FINAL_STATUS[kind]
                 if kind == ev.ORCHESTRATION_COMPLETED:
@@ -331,6 +355,25 @@ class TurnProcessor:
                                             custom, execution_id, base + len(events), None,
                                             None if waits is None else dumps(waits)))
         execution.custom_status_changed = False
+        w.values.extend(values.values())
+
+    @staticmethod
+    def _command(row: InstanceRow, kind: str, data: dict[str, Any], w: _Writes, *, reissue: bool = False) -> None:
+        """The work item, timer or child a recorded command stands for."""
+        instance_id, execution_id, name = row.instance_id, row.execution_id, row.name
+        if kind == ev.ACTIVITY_SCHEDULED:
+            retry = data.get("retry")
+            w.work.append(WorkWrite(instance_id, execution_id, data["task_id"], name, data["name"],
+                                    dumps(data.get("input")), None if retry is None else dumps(retry)))
+        elif kind == ev.TIMER_CREATED:
+            fire_at = datetime.fromisoformat(data["fire_at"])
+            w.timers.append(TimerWrite(instance_id, execution_id, data["task_id"], name, fire_at))
+        elif kind == ev.SUB_ORCHESTRATION_SCHEDULED:
+            child_id = data["instance_id"]
+            if reissue and _generated_elsewhere(child_id, instance_id, data["task_id"]):
+                child_id = f"{instance_id}:{execution_id}:{data['task_id']}"  # the fork's own child, not the source's
+            w.children.append(ChildWrite(child_id, data["name"], dumps(data.get("input")), instance_id,
+                                         execution_id, data["task_id"]))
 
     async def _check_names(self, conn: Connection, w: _Writes) -> None:
         """Activities and children nobody registered fail at once instead of waiting forever."""
@@ -376,12 +419,18 @@ class TurnProcessor:
             await turn_store.enqueue_work(conn, w.work)
         if w.timers:
             await turn_store.create_timers(conn, w.timers)
+        if w.cancels:  # before this turn's children exist: those get theirs only if started before the cancel
+            await turn_store.cancel_children(conn, parent_ids=[c[0] for c in w.cancels],
+                                             payloads=[c[1] for c in w.cancels])
         if w.children:
             created = await turn_store.create_children(conn, w.children)
             for child in w.children:
                 if child.instance_id not in created:
                     err = ev.error_info("InstanceAlreadyExists", f"instance {child.instance_id!r} already exists")
                     w.messages.append(_child_refused(child, err))
+            w.messages.extend(m for m in w.child_cancels if m.instance_id in created)
+        if w.values:
+            await turn_store.set_values(conn, w.values)
         if w.finished:
             await turn_store.drop_pending_work(conn, instance_ids=w.finished)
         if w.messages:
@@ -390,6 +439,20 @@ class TurnProcessor:
             await turn_store.update_instances(conn, w.updates)
         if w.consumed:
             await turn_store.delete_messages(conn, ids=w.consumed)
+
+
+def _fact(row: InstanceRow, message: Message) -> tuple[str, dict[str, Any]]:
+    """A message as the event it becomes: a start also names its execution, so a saved history
+    (or a fork's copy of one) says whose ``ctx.new_uuid()`` / ``ctx.random()`` stream it holds."""
+    if message.kind == ev.ORCHESTRATION_STARTED and "instance_id" not in message.payload:
+        return message.kind, {**message.payload, "instance_id": row.instance_id, "execution_id": row.execution_id}
+    return message.kind, message.payload
+
+
+def _generated_elsewhere(child_id: str, instance_id: str, task_id: int) -> bool:
+    """A child id generated for another instance (``<source>:<execution>:<task_id>``): a fork's copy."""
+    parts = child_id.rsplit(":", 2)
+    return len(parts) == 3 and parts[0] != instance_id and parts[1].isdigit() and parts[2] == str(task_id)
 
 
 def _child_refused(child: ChildWrite, error: dict[str, object]) -> MessageWrite:

@@ -1,4 +1,4 @@
-"""The store's side of the client: start, signal, read, terminate and purge instances.
+"""The store's side of the client: start, signal, read, fork, terminate and purge instances.
 
 Driver errors that mean something to a caller (an id already taken, an unknown
 instance) become the project's errors here.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
 from .._base import events as ev
-from .._base.errors import GraphError, InstanceAlreadyExists, InstanceNotFound, PgDurableError
+from .._base.errors import GraphError, InstanceAlreadyExists, InstanceNotFound, InvalidArgument, PgDurableError
 from .._base.serde import dumps
 from .._base.types import HistoryEvent, InstanceState, Status
 from .._base.waits import waiting_on
@@ -90,17 +91,22 @@ async def get_history(conn: Connection, *, instance_id: str, execution_id: int |
 
 
 async def terminate(conn: Connection, *, instance_id: str, reason: str | None) -> bool:
-    """Record ``orchestration_terminated`` and stop everything pending; False if already finished.
+    """Terminate an instance and its unfinished descendants; False if it had already finished.
 
-    Runs with the instance row locked; a parent hears of it as a failed child.
+    Runs with the instance row locked: each terminated instance records
+    ``orchestration_terminated`` and loses its pending work, all in this transaction.
+    The parent of ``instance_id`` hears of it as a failed child.
     """
     row = await lock_instance(conn, instance_id=instance_id)
     if row is None:
         raise InstanceNotFound(instance_id)
     if Status(row.status).is_terminal:
         return False
-    await conn.execute(q("terminate_instance"), instance_id, row.execution_id, row.history_len + 1, reason,
-                       dumps(ev.terminated_error(reason)))
+    error = dumps(ev.terminated_error(reason))
+    # Again until nothing is left: a child that a running descendant's turn created while
+    # this statement took its snapshot is found by the next one (its parent is locked now).
+    while await conn.fetch(q("terminate_tree"), instance_id, reason, error):
+        pass
     if row.parent_instance_id:
         payload = ev.child_failed(row.parent_task_id, instance_id, ev.terminated_error(reason))
         await enqueue_messages(conn, [MessageWrite(row.parent_instance_id, row.parent_execution_id,
@@ -108,14 +114,54 @@ async def terminate(conn: Connection, *, instance_id: str, reason: str | None) -
     return True
 
 
-async def purge(conn: Connection, *, instance_id: str) -> None:
-    """Delete a finished instance and its history."""
-    if not await conn.fetchval(q("purge_instance"), instance_id):
-        status = await conn.fetchval(q("instance_status"), instance_id)
-        if status is None:
-            raise InstanceNotFound(instance_id)
-        raise PgDurableError(f"instance {instance_id!r} is {status}; only finished instances can be purged")
-    await conn.execute(q("purge_history"), instance_id)
+async def purge(conn: Connection, *, instance_id: str) -> int:
+    """Delete a finished instance with its finished descendants and their history; returns how many."""
+    row = await lock_instance(conn, instance_id=instance_id)
+    if row is None:
+        raise InstanceNotFound(instance_id)
+    if not Status(row.status).is_terminal:
+        raise PgDurableError(f"instance {instance_id!r} is {row.status}; only finished instances can be purged")
+    return await _purge_trees(conn, [instance_id])
+
+
+async def purge_finished(conn: Connection, *, older_than: timedelta, status: str | None, limit: int) -> int:
+    """One bounded batch: up to ``limit`` finished instances not updated for ``older_than`` (each
+    with its finished descendants) and their history.  Rows a turn holds are skipped, not waited for."""
+    roots = [r["instance_id"] for r in await conn.fetch(q("purge_candidates"), older_than, status, limit)]
+    return await _purge_trees(conn, roots) if roots else 0
+
+
+async def _purge_trees(conn: Connection, roots: list[str]) -> int:
+    gone = [r["instance_id"] for r in await conn.fetch(q("purge_trees"), roots)]
+    if gone:
+        await conn.execute(q("purge_history"), gone)
+    return len(gone)
+
+
+async def fork(
+    conn: Connection, *, instance_id: str, at_seq: int | None, new_instance_id: str, fresh_id: bool = False
+) -> None:
+    """Create ``new_instance_id`` as a fork of ``instance_id`` (the SQL ``fork()``, one statement).
+
+    A taken id raises :class:`InstanceAlreadyExists`, except with ``fresh_id`` (as :func:`start`).
+    """
+    try:
+        await conn.fetchval(q("api_fork"), instance_id, at_seq, new_instance_id)
+    except asyncpg.NoDataFoundError:
+        raise InstanceNotFound(instance_id) from None
+    except asyncpg.UniqueViolationError:
+        if not fresh_id:
+            raise InstanceAlreadyExists(new_instance_id) from None
+    except (asyncpg.InvalidParameterValueError, asyncpg.InsufficientPrivilegeError) as exc:
+        raise InvalidArgument(str(exc).removeprefix("pgdurable.fork: ")) from None
+
+
+async def get_value(conn: Connection, *, instance_id: str, key: str) -> tuple[bool, Any]:
+    """(whether ``key`` is set, its value); raises :class:`InstanceNotFound` for an unknown instance."""
+    row = await conn.fetchrow(q("get_value"), instance_id, key)
+    if not row["found"]:
+        raise InstanceNotFound(instance_id)
+    return bool(row["has_value"]), row["value"]
 
 
 def _state(row: Any) -> InstanceState:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from .._base.types import RetryPolicy
+
+#: The clock offset of a runtime whose time is not skipped: its clock is the database's now().
+NO_OFFSET = timedelta(0)
 
 
 # -- read -----------------------------------------------------------------------------
@@ -106,6 +109,16 @@ class MessageWrite(NamedTuple):
     execution_id: int | None
     kind: str
     payload: str
+
+
+class ValueWrite(NamedTuple):
+    """A durable value a turn recorded (``value_set``)."""
+
+    instance_id: str
+    key: str
+    value: str
+    execution_id: int
+    seq: int
 
 
 class InstanceUpdate(NamedTuple):

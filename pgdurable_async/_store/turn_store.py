@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 
 from .._base.types import HistoryEvent
 from .database import Connection
 from .records import (
+    NO_OFFSET,
     ChildWrite,
     HistoryWrite,
     InstanceRow,
@@ -19,6 +21,7 @@ from .records import (
     Message,
     MessageWrite,
     TimerWrite,
+    ValueWrite,
     WorkWrite,
     columns,
 )
@@ -26,16 +29,20 @@ from .sql_loader import q
 
 
 async def claim_instances(
-    conn: Connection, *, names: Sequence[str], limit: int, scan: int, excluded: Sequence[str] = ()
+    conn: Connection, *, names: Sequence[str], limit: int, scan: int, excluded: Sequence[str] = (),
+    offset: timedelta = NO_OFFSET,
 ) -> list[InstanceRow]:
-    """Lock up to ``limit`` instances of ``names`` that have messages (``FOR UPDATE SKIP LOCKED``)."""
-    rows = await conn.fetch(q("claim_instances"), list(names), limit, scan, list(excluded))
+    """Lock up to ``limit`` instances of ``names`` that have messages (``FOR UPDATE SKIP LOCKED``).
+
+    Each row's ``db_now`` is the database's ``now()`` plus the runtime's clock ``offset``.
+    """
+    rows = await conn.fetch(q("claim_instances"), list(names), limit, scan, list(excluded), offset)
     return [InstanceRow(*r) for r in rows]
 
 
-async def lock_instance(conn: Connection, *, instance_id: str) -> InstanceRow | None:
+async def lock_instance(conn: Connection, *, instance_id: str, offset: timedelta = NO_OFFSET) -> InstanceRow | None:
     """Lock one instance row (waiting for a turn that holds it); None if there is none."""
-    row = await conn.fetchrow(q("lock_instance"), instance_id)
+    row = await conn.fetchrow(q("lock_instance"), instance_id, offset)
     return None if row is None else InstanceRow(*row)
 
 
@@ -98,6 +105,16 @@ async def drop_pending_work(conn: Connection, *, instance_ids: list[str]) -> Non
 
 async def enqueue_messages(conn: Connection, rows: list[MessageWrite]) -> None:
     await conn.execute(q("enqueue_messages"), *columns(rows, 4))
+
+
+async def set_values(conn: Connection, rows: list[ValueWrite]) -> None:
+    """Upsert durable values (one row per instance and key; the trigger NOTIFYs waiters)."""
+    await conn.execute(q("set_values"), *columns(rows, 5))
+
+
+async def cancel_children(conn: Connection, *, parent_ids: list[str], payloads: list[str]) -> None:
+    """Queue ``cancel_requested`` (``payloads[i]``, JSON) for the unfinished children of ``parent_ids[i]``."""
+    await conn.execute(q("cancel_children"), parent_ids, payloads)
 
 
 async def update_instances(conn: Connection, rows: list[InstanceUpdate]) -> None:

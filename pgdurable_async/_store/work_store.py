@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from .._base.types import RetryPolicy
 from .database import Connection
-from .records import Outcome, WorkItem
+from .records import NO_OFFSET, Outcome, WorkItem
 from .sql_loader import q
 
 
 async def claim_work(
-    conn: Connection, *, names: Sequence[str], limit: int, lease_seconds: float, owner: str
+    conn: Connection, *, names: Sequence[str], limit: int, lease_seconds: float, owner: str,
+    offset: timedelta = NO_OFFSET,
 ) -> list[WorkItem]:
     """Lease up to ``limit`` visible items of the activities ``names``, oldest first (one statement)."""
-    rows = await conn.fetch(q("claim_work"), list(names), limit, lease_seconds, owner)
+    rows = await conn.fetch(q("claim_work"), list(names), limit, lease_seconds, owner, offset)
     return [
         WorkItem(r["id"], r["instance_id"], r["execution_id"], r["task_id"], r["name"], r["input"],
                  _policy(r["retry"]) if r["retry"] else None, r["attempt"], r["lease_token"])
@@ -24,15 +26,17 @@ async def claim_work(
     ]
 
 
-async def next_work_due(conn: Connection, *, names: Sequence[str]) -> float | None:
+async def next_work_due(conn: Connection, *, names: Sequence[str], offset: timedelta = NO_OFFSET) -> float | None:
     """Seconds until the earliest queued item of ``names`` becomes visible, by the database's clock
     (None: the queue is empty; negative: already visible)."""
-    due: float | None = await conn.fetchval(q("next_work_due"), list(names))
+    due: float | None = await conn.fetchval(q("next_work_due"), list(names), offset)
     return due
 
 
-async def extend_leases(conn: Connection, *, tokens: list[uuid.UUID], lease_seconds: float) -> None:
-    await conn.execute(q("extend_leases"), tokens, lease_seconds)
+async def extend_leases(
+    conn: Connection, *, tokens: list[uuid.UUID], lease_seconds: float, offset: timedelta = NO_OFFSET
+) -> None:
+    await conn.execute(q("extend_leases"), tokens, lease_seconds, offset)
 
 
 async def ack_work(conn: Connection, outcomes: Sequence[Outcome]) -> int:
@@ -47,13 +51,14 @@ async def ack_work(conn: Connection, outcomes: Sequence[Outcome]) -> int:
     return len(rows)
 
 
-async def retry_work(conn: Connection, outcomes: Sequence[Outcome]) -> None:
+async def retry_work(conn: Connection, outcomes: Sequence[Outcome], *, offset: timedelta = NO_OFFSET) -> None:
     """Give failed items another attempt after their backoff (``visible_at`` in the future)."""
     await conn.execute(
         q("retry_work"),
         [o.item.id for o in outcomes],
         [o.item.lease_token for o in outcomes],
         [o.delay for o in outcomes],
+        offset,
     )
 
 

@@ -137,7 +137,7 @@ def test_value_type_fields() -> None:
 
 def test_orchestration_context_surface() -> None:
     for method in ("call_activity", "call_orchestration", "sleep", "wait_for_event", "all", "any",
-                   "set_custom_status", "continue_as_new", "now", "new_uuid", "random", "version"):
+                   "set_custom_status", "set_value", "continue_as_new", "now", "new_uuid", "random", "version"):
         assert callable(getattr(pgd.OrchestrationContext, method)), method
     assert "limit" in inspect.signature(pgd.OrchestrationContext.all).parameters
     assert "timeout" in inspect.signature(pgd.OrchestrationContext.wait_for_event).parameters
@@ -147,10 +147,22 @@ def test_orchestration_context_surface() -> None:
 
 def test_client_surface() -> None:
     for method in ("start", "status", "wait", "history", "list", "raise_event", "cancel", "terminate", "purge",
-                   "close"):
+                   "close", "get_value", "wait_value", "fork", "purge_finished"):
         assert inspect.iscoroutinefunction(getattr(pgd.Client, method)), method
     assert inspect.iscoroutinefunction(pgd.InstanceHandle.result)
     assert "instance_id" in inspect.signature(pgd.Client.start).parameters
+    assert {"at_seq", "new_instance_id"} <= set(inspect.signature(pgd.Client.fork).parameters)
+    assert {"default"} <= set(inspect.signature(pgd.Client.get_value).parameters)
+    assert {"timeout"} <= set(inspect.signature(pgd.Client.wait_value).parameters)
+    assert "retention" in inspect.signature(pgd.Runtime).parameters
+
+
+def test_testing_kit_surface() -> None:
+    from pgdurable_async import testing
+
+    assert testing.__all__ == ["Environment", "replay"]
+    assert {"dsn", "time_skipping"} <= set(inspect.signature(testing.Environment).parameters)
+    assert not inspect.iscoroutinefunction(testing.replay)  # a plain function: the engine is pure
 
 
 def test_history_event_kinds_of_the_contract() -> None:
@@ -159,6 +171,7 @@ def test_history_event_kinds_of_the_contract() -> None:
         "timer_fired", "event_received", "sub_orchestration_scheduled", "sub_orchestration_completed",
         "sub_orchestration_failed", "custom_status_set", "cancel_requested", "continued_as_new",
         "orchestration_completed", "orchestration_failed", "orchestration_terminated",
+        "value_set", "forked_from",  # section 10
     }
     assert design_kinds <= ev.ALL_KINDS
     assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", k) for k in ev.ALL_KINDS)

@@ -3,6 +3,9 @@
 -- Tables are unqualified: connections set search_path to the configured schema (at connect,
 -- or behind a transaction pooler at the start of every transaction: database.py).
 -- JSON travels as text and is cast to jsonb here.
+-- The runtime's clock is the database's: now() + the runtime's clock offset (an interval
+-- parameter, zero except under testing.Environment's time skipping) in every query that
+-- reads the durable time (history times, ctx.now(), timers, activity visibility and leases).
 
 -- name: api_start
 -- The SECURITY DEFINER client API (schema/0003): raises unique_violation for a taken id.
@@ -20,7 +23,7 @@ SELECT send($1, $2, $3::text::jsonb);
 -- Lock up to $2 instances that have pending messages and that this runtime can run.
 -- now(): the database's clock is the one clock of history times, ctx.now() and timers.
 SELECT i.instance_id, i.name, i.status, i.execution_id, i.history_len,
-       i.parent_instance_id, i.parent_execution_id, i.parent_task_id, now() AS db_now
+       i.parent_instance_id, i.parent_execution_id, i.parent_task_id, now() + $5::interval AS db_now
 FROM instances i
 WHERE i.instance_id IN (
     SELECT DISTINCT q.instance_id FROM orchestrator_queue q
@@ -110,7 +113,7 @@ WITH picked AS (
     SELECT w.id FROM unnest($1::text[]) AS n(name)
     CROSS JOIN LATERAL (
         SELECT id FROM work_queue
-        WHERE name = n.name AND visible_at <= now()
+        WHERE name = n.name AND visible_at <= now() + $5::interval
         ORDER BY id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
@@ -118,7 +121,7 @@ WITH picked AS (
     LIMIT $2
 )
 UPDATE work_queue w
-SET visible_at = now() + make_interval(secs => $3),
+SET visible_at = now() + $5::interval + make_interval(secs => $3),
     lease_token = gen_random_uuid(),
     lease_owner = $4
 FROM picked
@@ -128,10 +131,11 @@ RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.ret
 
 -- name: next_work_due
 -- Seconds until the earliest item becomes visible, by the database's clock.
-SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM work_queue WHERE name = ANY($1::text[]);
+SELECT extract(epoch FROM min(visible_at) - (now() + $2::interval))::float8 FROM work_queue
+WHERE name = ANY($1::text[]);
 
 -- name: extend_leases
-UPDATE work_queue SET visible_at = now() + make_interval(secs => $2)
+UPDATE work_queue SET visible_at = now() + $3::interval + make_interval(secs => $2)
 WHERE lease_token = ANY($1::uuid[]);
 
 -- name: ack_work
@@ -151,7 +155,7 @@ RETURNING 1;
 -- name: retry_work
 UPDATE work_queue w
 SET attempt = w.attempt + 1,
-    visible_at = now() + make_interval(secs => r.delay),
+    visible_at = now() + $4::interval + make_interval(secs => r.delay),
     lease_token = NULL,
     lease_owner = NULL
 FROM unnest($1::bigint[], $2::uuid[], $3::float8[]) AS r(id, token, delay)
@@ -199,7 +203,7 @@ SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%' ||
 WITH due AS (
     DELETE FROM timers
     WHERE id IN (SELECT id FROM timers
-                 WHERE fire_at <= now() AND orchestration = ANY($1::text[])
+                 WHERE fire_at <= now() + $3::interval AND orchestration = ANY($1::text[])
                  ORDER BY fire_at LIMIT $2
                  FOR UPDATE SKIP LOCKED)
     RETURNING instance_id, execution_id, task_id, orchestration
@@ -214,7 +218,8 @@ SELECT count(*) FROM sent;
 
 -- name: next_timer
 -- Seconds until the earliest timer is due, by the database's clock (the one fire_timers uses).
-SELECT extract(epoch FROM min(fire_at) - now())::float8 FROM timers WHERE orchestration = ANY($1::text[]);
+SELECT extract(epoch FROM min(fire_at) - (now() + $2::interval))::float8 FROM timers
+WHERE orchestration = ANY($1::text[]);
 
 -- name: register_names
 INSERT INTO registry (kind, name)
@@ -324,41 +329,121 @@ SELECT status FROM instances WHERE instance_id = $1;
 
 -- name: lock_instance
 SELECT instance_id, name, status, execution_id, history_len,
-       parent_instance_id, parent_execution_id, parent_task_id, now() AS db_now
+       parent_instance_id, parent_execution_id, parent_task_id, now() + $2::interval AS db_now
 FROM instances WHERE instance_id = $1 FOR UPDATE;
 
--- name: terminate_instance
--- Runs with the instance row locked: record the fact, stop everything pending.
-WITH event AS (
+-- name: terminate_tree
+-- Terminate $1 (its row locked by the caller) and, recursively, its unfinished descendants:
+-- each records orchestration_terminated (a descendant with cascaded_from, its parent) and
+-- loses its messages, work and timers.  A finished child is left alone.  Returns the ids
+-- terminated; the caller runs it again until none (a child its parent's turn created meanwhile).
+WITH RECURSIVE tree AS (
+    SELECT $1::text AS instance_id
+    UNION
+    SELECT c.instance_id FROM instances c JOIN tree t ON c.parent_instance_id = t.instance_id
+), targets AS (
+    SELECT i.instance_id, i.execution_id, i.history_len, i.parent_instance_id
+    FROM instances i
+    WHERE i.instance_id IN (SELECT instance_id FROM tree) AND NOT is_finished(i.status)
+    ORDER BY i.instance_id
+    FOR UPDATE
+), events AS (
     INSERT INTO history (instance_id, execution_id, seq, event_type, payload)
-    VALUES ($1, $2, $3, 'orchestration_terminated', jsonb_build_object('reason', $4::text))
+    SELECT t.instance_id, t.execution_id, t.history_len + 1, 'orchestration_terminated',
+           CASE WHEN t.instance_id = $1 THEN jsonb_build_object('reason', $2::text)
+                ELSE jsonb_build_object('reason', $2::text, 'cascaded_from', t.parent_instance_id) END
+    FROM targets t
 ), messages AS (
-    DELETE FROM orchestrator_queue WHERE instance_id = $1
+    DELETE FROM orchestrator_queue WHERE instance_id IN (SELECT instance_id FROM targets)
 ), work AS (
-    DELETE FROM work_queue WHERE instance_id = $1
+    DELETE FROM work_queue WHERE instance_id IN (SELECT instance_id FROM targets)
 ), timers_gone AS (
-    DELETE FROM timers WHERE instance_id = $1
+    DELETE FROM timers WHERE instance_id IN (SELECT instance_id FROM targets)
 )
-UPDATE instances
-SET status = 'terminated', history_len = $3, event_waits = NULL,
-    error = $5::text::jsonb,
+UPDATE instances i
+SET status = 'terminated', history_len = t.history_len + 1, event_waits = NULL, error = $3::text::jsonb,
     updated_at = now()
-WHERE instance_id = $1;
+FROM targets t
+WHERE i.instance_id = t.instance_id
+RETURNING i.instance_id;
 
--- name: purge_instance
-WITH gone AS (
-    DELETE FROM instances
-    WHERE instance_id = $1 AND is_finished(status)
+-- name: purge_candidates
+-- Up to $3 finished instances, optionally of status $2, not updated for $1 (nor created:
+-- created_at <= updated_at, and the created_at index leads the scan, so no index on the
+-- hot updated_at column is needed); locked, skipping those a turn holds.
+SELECT instance_id FROM instances
+WHERE created_at < now() - $1::interval AND updated_at < now() - $1::interval
+  AND is_finished(status) AND ($2::text IS NULL OR status = $2)
+ORDER BY created_at
+LIMIT $3
+FOR UPDATE SKIP LOCKED;
+
+-- name: purge_trees
+-- Delete the finished instances $1 (locked by the caller) with their finished descendants
+-- (one a turn holds stays, and is a root of its own next time), their messages, delivery
+-- keys and values; returns the ids deleted (purge_history removes their history next).
+WITH RECURSIVE tree AS (
+    SELECT unnest($1::text[]) AS instance_id
+    UNION
+    SELECT c.instance_id FROM instances c JOIN tree t ON c.parent_instance_id = t.instance_id
+    WHERE is_finished(c.status)
+), locked AS (
+    SELECT i.instance_id FROM instances i
+    WHERE i.instance_id IN (SELECT instance_id FROM tree) AND is_finished(i.status)
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM instances WHERE instance_id IN (SELECT instance_id FROM locked)
     RETURNING instance_id
 ), messages AS (
     DELETE FROM orchestrator_queue WHERE instance_id IN (SELECT instance_id FROM gone)
 ), deliveries AS (
     DELETE FROM event_deliveries WHERE instance_id IN (SELECT instance_id FROM gone)
+), values_gone AS (
+    DELETE FROM instance_values WHERE instance_id IN (SELECT instance_id FROM gone)
 )
-SELECT count(*) FROM gone;
+SELECT instance_id FROM gone;
 
 -- name: purge_history
-DELETE FROM history WHERE instance_id = $1;
+-- History rows go only after their instance row (the history_immutable trigger checks).
+DELETE FROM history WHERE instance_id = ANY($1::text[]);
+
+-- name: api_fork
+-- The SECURITY DEFINER fork() of schema 0010; no_data_found, unique_violation,
+-- invalid_parameter_value or insufficient_privilege (a built-in) when it cannot.
+SELECT fork($1, $2, $3);
+
+-- name: get_value
+-- Whether the instance exists, whether it set the key, and the value.
+SELECT EXISTS (SELECT 1 FROM instances WHERE instance_id = $1) AS found,
+       v.key IS NOT NULL AS has_value, v.value
+FROM (SELECT 1) AS one
+LEFT JOIN instance_values v ON v.instance_id = $1 AND v.key = $2;
+
+-- name: set_values
+-- The durable values a batch of turns recorded (value_set events), the last one per key.
+INSERT INTO instance_values (instance_id, key, value, execution_id, seq)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[]::jsonb[], $4::int[], $5::int[])
+ON CONFLICT (instance_id, key) DO UPDATE
+SET value = excluded.value, execution_id = excluded.execution_id, seq = excluded.seq, updated_at = now();
+
+-- name: cancel_children
+-- A cancel an instance recorded reaches its unfinished children (payloads $2, one per parent $1).
+INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+SELECT c.instance_id, NULL, c.name, 'cancel_requested', p.payload::jsonb
+FROM unnest($1::text[], $2::text[]) AS p(parent_id, payload)
+JOIN instances c ON c.parent_instance_id = p.parent_id
+WHERE NOT is_finished(c.status);
+
+-- name: skip_target
+-- testing.Environment's time skipping: is anything runnable now (a message, or a visible or
+-- leased work item), and else how many seconds until the earliest timer or retry, by the
+-- runtime's clock ($3: its offset).
+SELECT EXISTS (SELECT 1 FROM orchestrator_queue WHERE orchestration = ANY($1::text[]))
+       OR EXISTS (SELECT 1 FROM work_queue WHERE name = ANY($2::text[])
+                  AND (lease_token IS NOT NULL OR visible_at <= now() + $3::interval)) AS busy,
+       extract(epoch FROM least((SELECT min(fire_at) FROM timers WHERE orchestration = ANY($1::text[])),
+                                (SELECT min(visible_at) FROM work_queue WHERE name = ANY($2::text[])))
+               - (now() + $3::interval))::float8 AS due_in;
 
 -- name: node_submitter
 -- Who a graph node's SQL runs as: the role recorded when the instance was submitted.
