@@ -110,3 +110,12 @@ def test_no_benchmark_code_in_the_package() -> None:
 def test_every_subpackage_says_what_it_holds() -> None:
     for init in PACKAGE.glob("_*/__init__.py"):
         assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), init
+
+
+def test_no_merge_conflict_markers_anywhere() -> None:
+    root = PACKAGE.parent
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", re.MULTILINE)
+    suspects = [p for p in [*root.glob("*.md"), *root.glob("*.toml"), root / ".ci" / "run", *root.rglob("*.py"),
+                            *root.rglob("*.sql"), *root.rglob("*.html"), *root.rglob("*.css"), *root.rglob("*.js")]
+                if ".venv" not in p.parts and ".git" not in p.parts and p.is_file()]
+    assert [str(p) for p in suspects if marker.search(p.read_text(encoding="utf-8", errors="replace"))] == []
