@@ -198,13 +198,16 @@ class TurnProcessor:
             w.consumed.extend(m.id for m in msgs)
             current = [m for m in msgs if m.execution_id in (None, row.execution_id)]
             current.sort(key=lambda m: m.kind != ev.ORCHESTRATION_STARTED)  # a start goes first (stable)
-            if row.status in TERMINAL_STATUSES or not current:
+            # df.cancel marks an instance cancelled before its execution has ended: that one still runs
+            if (row.status in TERMINAL_STATUSES and row.status != "cancelled") or not current:
                 continue
             live.append((row, current))
         await self._load(conn, [row for row, _ in live], runs)
 
         for row, current in live:
             execution = runs[row.instance_id]
+            if execution.finished:  # cancelled, and its history already ended
+                continue
             new_events = execution.advance([(m.kind, m.payload) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
