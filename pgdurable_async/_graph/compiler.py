@@ -220,7 +220,8 @@ def check_cron(expr: str, node_id: str | None = None) -> None:
         from cronsim import CronSim, CronSimError
     except ImportError:
         raise GraphError(
-            "wait_for_schedule needs the cronsim package: pip install 'pgdurable_async[graph]'", node_id=node_id
+            "wait_for_schedule needs the cronsim package (a dependency of pgdurable_async): reinstall the package",
+            node_id=node_id
         ) from None
     from datetime import UTC, datetime
 

@@ -66,7 +66,8 @@ async def http_node(ctx: ActivityContext, data: dict[str, Any]) -> dict[str, Any
     try:
         import httpx
     except ImportError:
-        raise ConfigurationError("df.http needs the httpx package: pip install 'pgdurable_async[graph]'") from None
+        raise ConfigurationError(
+            "df.http needs the httpx package (a dependency of pgdurable_async): reinstall the package") from None
     started = time.monotonic()
     body = data.get("body")
     headers = data.get("headers") or None

@@ -206,8 +206,8 @@ class TurnProcessor:
 
         for row, current in live:
             execution = runs[row.instance_id]
-            if execution.finished:  # cancelled, and its history already ended
-                continue
+            if row.status == "cancelled" and execution.finished and execution.history_len == row.history_len:
+                continue  # marked cancelled, and its history had already ended: nothing to add
             new_events = execution.advance([(m.kind, m.payload) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)

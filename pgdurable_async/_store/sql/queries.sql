@@ -241,6 +241,20 @@ WHERE id IN (SELECT id FROM work_queue
              FOR UPDATE SKIP LOCKED)
 RETURNING id;
 
+-- name: df_retention_settings
+-- pg_durable's retention settings as it reads them (defaults: a pass every 3600 s, 30 days), and
+-- whether this worker may run the pass (df installed, df._expire granted: the owner, grant_worker).
+SELECT CASE WHEN s.interval ~ '^[0-9]{1,9}$' THEN s.interval::int ELSE 3600 END AS reconcile_interval,
+       CASE WHEN s.days ~ '^[0-9]{1,5}$' THEN s.days::int ELSE 30 END AS retention_days,
+       to_regprocedure('df._expire(integer, integer, integer)') IS NOT NULL
+           AND has_function_privilege('df._expire(integer, integer, integer)', 'EXECUTE') AS allowed
+FROM (SELECT btrim(coalesce(current_setting('pg_durable.reconcile_interval', true), '')) AS interval,
+             btrim(coalesce(current_setting('pg_durable.retention_days', true), '')) AS days) s;
+
+-- name: df_expire
+-- One batch of finished df instances past pg_durable's retention window or cap (10,000).
+SELECT df._expire($1, 10000, $2);
+
 -- name: get_instance
 SELECT instance_id, name, status, input, output, error, custom_status, created_at,
        updated_at, execution_id, parent_instance_id
