@@ -291,7 +291,7 @@ def _check_node_bindings(node: dict[str, Any], bound: set[str]) -> set[str]:
     if kind == "loop":  # the body runs at least once; the condition after each iteration of it
         inner = _check_bindings(node["body"], set(bound))
         if node.get("cond") is not None:
-            _check_bindings(node["cond"], inner)
+            inner = _check_bindings(node["cond"], inner)
         return inner
     if kind == "wait_for_signal":
         return bound | {node["name"]}
