@@ -150,10 +150,10 @@ BEGIN
     IF has_cond THEN
         c := df._from_durofut(n->'condition_node', path || '.condition_node');
     END IF;
-    IF t IN ('THEN', 'JOIN', 'RACE', 'LOOP') AND l IS NULL THEN
+    IF t IN ('THEN', 'JOIN', 'RACE', 'LOOP', 'IF') AND l IS NULL THEN
         PERFORM df._graph_error(path, format('%s needs a left_node', t));
     END IF;
-    IF t IN ('THEN', 'JOIN', 'RACE', 'IF') AND r IS NULL AND NOT (t = 'JOIN' AND has_extra) THEN
+    IF t IN ('THEN', 'JOIN', 'RACE') AND r IS NULL AND NOT (t = 'JOIN' AND has_extra) THEN
         PERFORM df._graph_error(path, format('%s needs a right_node', t));
     END IF;
     CASE t
