@@ -1,4 +1,4 @@
--- pgdurable_async, version 10: a pg_durable user switches without noticing.
+-- pgdurable_async, version 14: a pg_durable user switches without noticing.
 --   * Node states are recorded, not guessed: df.nodes / df.instance_nodes / df.explain read the
 --     interpreter's graph_node history facts; node types, configs and results as pg_durable shows
 --     them (SQL, THEN, IF, LOOP, SIGNAL {signal_name}, WAIT_SCHEDULE {cron_expr}, ...), a named
