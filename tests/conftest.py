@@ -93,7 +93,9 @@ async def dsn(pg_server: PgServer, template_database: str) -> AsyncIterator[str]
     name = f"pgd_test_{os.getpid()}_{next(_counter)}"
     for attempt in range(20):  # the template may briefly have a session open
         try:
-            await _admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+            # the tests start graphs as a superuser: pg_durable's switch for that is off by default
+            await _admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"',
+                         f'ALTER DATABASE "{name}" SET pg_durable.enable_superuser_instances = on')
             break
         except asyncpg.ObjectInUseError:
             if attempt == 19:

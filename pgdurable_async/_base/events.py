@@ -36,6 +36,15 @@ SUB_ORCHESTRATION_COMPLETED: Final = "sub_orchestration_completed"  # {task_id, 
 SUB_ORCHESTRATION_FAILED: Final = "sub_orchestration_failed"  # {task_id, instance_id, error}
 CUSTOM_STATUS_SET: Final = "custom_status_set"  # {value}
 VERSION_MARKER: Final = "version_marker"  # {change_id, version}
+#: A graph node's state changed, as the graph interpreter saw it (graph workflows only):
+#: ``{node, state, result?, error?, iteration?}``.  ``node`` is the node's path id (``n0.1``),
+#: ``state`` is ``running``, ``completed`` or ``failed``; ``completed`` carries the node's
+#: ``result`` (omitted when it is null or too large to record), ``failed`` its ``error``
+#: message (a race's loser or a failed join's sibling: ``cancelled: ...``), and a loop records
+#: ``running`` again with ``iteration`` (0, 1, ...) at the start of every iteration.
+#: Recorded when it happens, never on replay; ``df.nodes``, ``df.explain`` and
+#: ``python -m pgdurable_async graph`` read node states from these facts.
+GRAPH_NODE: Final = "graph_node"
 CANCEL_REQUESTED: Final = "cancel_requested"  # {reason, cascaded_from?}
 CONTINUED_AS_NEW: Final = "continued_as_new"  # {input}
 ORCHESTRATION_COMPLETED: Final = "orchestration_completed"  # {output}
@@ -77,8 +86,10 @@ TERMINAL_KINDS: Final = frozenset(
     }
 )
 
-ALL_KINDS: Final = COMMAND_KINDS | MESSAGE_KINDS | TERMINAL_KINDS | {CUSTOM_STATUS_SET, VERSION_MARKER, VALUE_SET,
-                                                                    FORKED_FROM}
+#: Facts the code records that are not commands (never checked on replay).
+NOTE_KINDS: Final = frozenset({CUSTOM_STATUS_SET, VERSION_MARKER, GRAPH_NODE})
+
+ALL_KINDS: Final = COMMAND_KINDS | MESSAGE_KINDS | TERMINAL_KINDS | NOTE_KINDS | {VALUE_SET, FORKED_FROM}
 
 
 # -- payloads -------------------------------------------------------------------------

@@ -17,5 +17,7 @@ async def render_instance(client: Client, instance_id: str, app: App | None = No
             f"instance {instance_id!r} ({state.name}) is not a graph workflow"
             + ("" if app is not None else "; for App.graph workflows pass --app module:app")
         )
-    history = await client.history(instance_id)
+    history = []  # node facts of every execution (a loop that continues as new starts another)
+    for execution_id in range(1, state.execution_id + 1):
+        history.extend(await client.history(instance_id, execution_id=execution_id))
     return to_mermaid(tree, node_states(state, history, tree))

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .._base import events as ev
+from .._base.errors import SerializationError
 from .._base.names import check_id, name_of
 from .._base.types import RetryPolicy
 from .tasks import ActivityTask, AllTask, AnyTask, ChildTask, EventTask, FiberTask, Task, TimerTask
@@ -164,6 +165,20 @@ class OrchestrationContext:
             return  # after a fault or the end: recorded nowhere
         self._engine.values[key] = stored
         self._engine.emit(ev.VALUE_SET, {"key": key, "value": stored})
+    def _note(self, kind: str, data: dict[str, Any]) -> bool:
+        """Record a fact that is not a command (the graph interpreter's node states), when live.
+
+        Internal: nothing is recorded on replay (the history already holds it) or after the
+        end; returns False when ``data`` is too large to record (the caller may shorten it).
+        """
+        if kind not in ev.NOTE_KINDS or kind == ev.VERSION_MARKER:
+            raise ValueError(f"{kind!r} is not a note kind")
+        try:
+            stored = self._engine.check_payload(data, kind)
+        except SerializationError:
+            return False
+        self._engine.emit(kind, stored)
+        return True
 
     def version(self, change_id: str, *, default: int = 1, latest: int) -> int:
         """Which code path to take at ``change_id``: ``latest`` for new progress,

@@ -279,7 +279,7 @@ class Execution:
         self._fibers.append(task)
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
-        """Record a non-command event (custom status, version marker) when live."""
+        """Record a non-command event (custom status, version marker, graph node fact) when live."""
         if not self.replaying and not self.stopped:
             self._record(Event(kind, data, self.now))
 
@@ -341,7 +341,7 @@ class Execution:
                 self._deliver(str(data.get("name")), data.get("data"))
             elif kind == ev.CANCEL_REQUESTED:
                 self._cancel(data.get("reason"))
-            elif kind in (ev.CUSTOM_STATUS_SET, ev.VERSION_MARKER, ev.FORKED_FROM):
+            elif kind in ev.NOTE_KINDS or kind == ev.FORKED_FROM:
                 if kind == ev.CUSTOM_STATUS_SET:
                     self.custom_status = data.get("value")
             elif kind == ev.VALUE_SET:

@@ -18,7 +18,14 @@ from .._engine import OrchestrationContext
 from .._store import node_store
 from .compiler import compile_graph
 from .http import HTTP_RETRY, http_node
-from .interpreter import GRAPH_ORCHESTRATION, HTTP_ACTIVITY, SQL_ACTIVITY, Interpreter, Observer, run_graph_input
+from .interpreter import (
+    GRAPH_ORCHESTRATION,
+    HTTP_ACTIVITY,
+    SEMANTICS_CHANGE,
+    SQL_ACTIVITY,
+    Interpreter,
+    run_graph_input,
+)
 
 GRAPH_ATTR = "__pgdurable_graph__"
 SQL_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.2, backoff=2.0, max_interval=5.0,
@@ -68,15 +75,17 @@ def graph_function(name: str, graph: Any) -> Any:
     return run
 
 
-async def run_registered(
-    ctx: OrchestrationContext, tree: dict[str, Any], data: Any, observer: Observer | None = None
-) -> Any:
-    """Run a graph registered with ``App.graph``; ``data`` is its input (or a continue-as-new carry)."""
+async def run_registered(ctx: OrchestrationContext, tree: dict[str, Any], data: Any) -> Any:
+    """Run a graph registered with ``App.graph``; ``data`` is its input (or a continue-as-new carry).
+
+    Its loops are not paced: an app's graph is the app's own code (``df.start`` graphs are).
+    """
     if isinstance(data, dict) and data.get(GRAPH_ATTR):
         bound, resume = data.get("bound") or {}, data.get("resume")
     else:
         bound, resume = {"input": data}, None
-    interp = Interpreter(ctx, bound=bound, observer=observer)
+    semantics = ctx.version(SEMANTICS_CHANGE, default=1, latest=2)
+    interp = Interpreter(ctx, bound=bound, semantics=semantics)
     return await interp.run_root(tree, {GRAPH_ATTR: True}, resume)
 
 

@@ -8,7 +8,11 @@ both build a tree of JSON nodes, each an object with a ``"type"``::
     if_rows {name | cond, then, else}                       loop {body, cond, continue_on_failure}
     break {value}                  sleep {seconds}          wait_for_schedule {cron}
     wait_for_signal {name, timeout}                         http {url, method, body, headers, timeout}
-    call {name, input}             activity {name, input}   fan_out {over, step, limit, as}
+    http_multipart {url, method, parts, headers, timeout}   call {name, input}
+    activity {name, input}         fan_out {over, step, limit, as}
+
+Any node may also carry ``result_name`` (what ``df.as`` / ``|=>`` set, as in pg_durable):
+its result is bound under that name once it completes, like a ``bind`` around it.
 
 :func:`compile_graph` checks a tree (unknown types, malformed fields, bad cron,
 ``$name`` references used before a ``bind`` binds them on every path), flattens
@@ -33,7 +37,7 @@ from .tokens import references
 
 NODE_TYPES = frozenset({
     "sql", "seq", "join", "race", "bind", "if", "if_rows", "loop", "break", "sleep",
-    "wait_for_schedule", "wait_for_signal", "http", "call", "activity", "fan_out",
+    "wait_for_schedule", "wait_for_signal", "http", "http_multipart", "call", "activity", "fan_out",
 })
 MAX_DEPTH = 256  # nodes from the root to the deepest leaf, nested seqs flattened (as in pg_durable)
 MAX_JSON_DEPTH = 2 * MAX_DEPTH + 88  # JSON levels in a compiled graph (a join nests two per node)
@@ -184,7 +188,8 @@ def _flatten_seq(steps: list[Any], node_id: str) -> list[Any]:
     open_seqs = {id(steps)}  # the step lists being spliced: one seen again is a cycle
     while stack:
         for step in stack[-1][0]:
-            inner = step.get("steps") if isinstance(step, dict) and step.get("type") == "seq" else None
+            inner = (step.get("steps") if isinstance(step, dict) and step.get("type") == "seq"
+                     and step.get("result_name") is None else None)  # a named seq keeps its own result
             if isinstance(inner, list):
                 if id(inner) in open_seqs:
                     raise GraphError("a seq contains itself", node_id=node_id)
@@ -224,6 +229,9 @@ def _number(node: dict[str, Any], field: str, node_id: str, *, optional: bool = 
 
 def _check_fields(node: dict[str, Any], node_id: str) -> None:
     kind = node["type"]
+    name = node.get("result_name")
+    if name is not None and not (isinstance(name, str) and _is_identifier(name)):
+        raise GraphError(f"result_name {name!r} is not a valid identifier", node_id=node_id)
     if kind == "sql":
         _text(node, "query", node_id)
     elif kind == "bind":
@@ -250,7 +258,7 @@ def _check_fields(node: dict[str, Any], node_id: str) -> None:
     elif kind == "wait_for_signal":
         _text(node, "name", node_id)
         _number(node, "timeout", node_id, optional=True)
-    elif kind == "http":
+    elif kind in ("http", "http_multipart"):
         _text(node, "url", node_id)
         method = node.get("method") or "POST"
         if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
@@ -260,6 +268,15 @@ def _check_fields(node: dict[str, Any], node_id: str) -> None:
         _number(node, "timeout", node_id, optional=True)
         if node.get("headers") is not None and not isinstance(node["headers"], dict):
             raise GraphError("http.headers must be a JSON object", node_id=node_id)
+        if kind == "http_multipart" and method not in ("POST", "PUT", "PATCH"):
+            raise GraphError(f"unsupported HTTP method {method!r} for multipart (POST, PUT or PATCH)",
+                             node_id=node_id)
+        if kind == "http_multipart" and not (
+            isinstance(node.get("parts"), list) and node["parts"]
+            and all(isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("data_b64"), str)
+                    for p in node["parts"])):
+            raise GraphError("http_multipart.parts must be a non-empty list of {name, data_b64, ...} objects",
+                             node_id=node_id)
     elif kind in ("call", "activity"):
         _text(node, "name", node_id)
     elif kind == "fan_out":
@@ -291,7 +308,8 @@ def check_cron(expr: str, node_id: str | None = None) -> None:
         from cronsim import CronSim, CronSimError
     except ImportError:
         raise GraphError(
-            "wait_for_schedule needs the cronsim package: pip install 'pgdurable_async[graph]'", node_id=node_id
+            "wait_for_schedule needs the cronsim package (a dependency of pgdurable_async): reinstall the package",
+            node_id=node_id
         ) from None
     from datetime import UTC, datetime
 
@@ -309,17 +327,25 @@ def _texts_of(node: dict[str, Any]) -> list[str]:
     kind = node["type"]
     if kind == "sql":
         return [node["query"]]
-    if kind == "http":
+    if kind in ("http", "http_multipart"):
         out = [node["url"]]
         if isinstance(node.get("body"), str):
             out.append(node["body"])
         out.extend(str(v) for v in (node.get("headers") or {}).values())
+        out.extend(p["data_b64"] for p in node.get("parts") or [] if isinstance(p, dict)
+                   and isinstance(p.get("data_b64"), str))
         return out
     return []
 
 
 def _check_bindings(node: dict[str, Any], bound: set[str]) -> set[str]:
     """Check references against what is bound on every path; return what is bound after."""
+    after = _check_node_bindings(node, bound)
+    name = node.get("result_name")
+    return after | {name} if isinstance(name, str) else after
+
+
+def _check_node_bindings(node: dict[str, Any], bound: set[str]) -> set[str]:
     kind, node_id = node["type"], node["id"]
     for text in _texts_of(node):
         for ref in references(text, sql=kind == "sql"):
@@ -350,11 +376,11 @@ def _check_bindings(node: dict[str, Any], bound: set[str]) -> set[str]:
         then = _check_bindings(node["then"], set(bound))
         other = _check_bindings(node["else"], set(bound)) if node.get("else") is not None else set(bound)
         return then & other
-    if kind == "loop":  # the condition runs after each iteration of the body
+    if kind == "loop":  # the body runs at least once; the condition after each iteration of it
         inner = _check_bindings(node["body"], set(bound))
         if node.get("cond") is not None:
-            _check_bindings(node["cond"], inner)
-        return bound
+            inner = _check_bindings(node["cond"], inner)
+        return inner
     if kind == "wait_for_signal":
         return bound | {node["name"]}
     if kind == "fan_out":

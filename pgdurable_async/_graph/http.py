@@ -1,4 +1,5 @@
-"""The HTTP node: one request behind a host allow-list (deny by default), as pg_durable's envelope."""
+"""The HTTP nodes (``df.http``, ``df.http_multipart``): one request behind a host allow-list
+(deny by default), answered with pg_durable's envelope."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from .._base.errors import ConfigurationError, PgDurableError
 from .._base.types import RetryPolicy
 
 HTTP_ALLOW_ENV = "PGDURABLE_HTTP_ALLOW"
-HTTP_RETRY = RetryPolicy(max_attempts=3, initial_interval=1.0, non_retryable=("HttpNotAllowed", "GraphError"))
+HTTP_RETRY = RetryPolicy(max_attempts=3, initial_interval=1.0,
+                         non_retryable=("HttpNotAllowed", "GraphError", "InvalidPart"))
 _ERROR_PREVIEW = 512  # characters of a 5xx body kept in the error
 _http_allow: set[str] = set()
 
 
 class HttpNotAllowed(PgDurableError):
     """The HTTP node's host is not on the allow-list (deny by default)."""
+
+
+class InvalidPart(PgDurableError):
+    """A ``df.http_multipart`` part cannot be sent (its data is not base64)."""
 
 
 class HttpServerError(PgDurableError):
@@ -36,6 +42,19 @@ def _allowed_hosts() -> set[str]:
     return _http_allow | env
 
 
+def _multipart(parts: list[dict[str, Any]]) -> list[tuple[str, tuple[str | None, bytes, str]]]:
+    """httpx ``files=`` for ``df.http_multipart`` parts ``{name, data_b64, filename?, content_type?}``."""
+    files = []
+    for part in parts:
+        try:
+            payload = base64.b64decode("".join(str(part["data_b64"]).split()), validate=True)
+        except (ValueError, KeyError):
+            raise InvalidPart(f"part {part.get('name')!r}: data_b64 is not valid base64") from None
+        files.append((str(part["name"]), (part.get("filename"), payload,
+                                          str(part.get("content_type") or "application/octet-stream"))))
+    return files
+
+
 async def http_node(ctx: ActivityContext, data: dict[str, Any]) -> dict[str, Any]:
     """One HTTP request behind the host allow-list; returns pg_durable's envelope."""
     host = (urlsplit(data["url"]).hostname or "").lower()
@@ -47,13 +66,18 @@ async def http_node(ctx: ActivityContext, data: dict[str, Any]) -> dict[str, Any
     try:
         import httpx
     except ImportError:
-        raise ConfigurationError("df.http needs the httpx package: pip install 'pgdurable_async[graph]'") from None
+        raise ConfigurationError(
+            "df.http needs the httpx package (a dependency of pgdurable_async): reinstall the package") from None
     started = time.monotonic()
     body = data.get("body")
+    headers = data.get("headers") or None
+    files = _multipart(data["parts"]) if data.get("parts") else None
+    if files is not None and headers:  # multipart owns the Content-Type (its boundary)
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
     async with httpx.AsyncClient(timeout=float(data.get("timeout") or 30)) as client:
         response = await client.request(
-            data.get("method", "POST"), data["url"], headers=data.get("headers") or None,
-            content=None if body is None else str(body).encode(),
+            data.get("method", "POST"), data["url"], headers=headers,
+            content=None if body is None or files is not None else str(body).encode(), files=files,
         )
     content_type = response.headers.get("content-type", "")
     textual = content_type.startswith("text/") or "json" in content_type or "xml" in content_type or not content_type

@@ -1,10 +1,15 @@
 """Node states of a graph instance, and its Mermaid rendering.
 
-The states are exact and cost nothing at run time: the instance's recorded
-history is replayed through the interpreter with an observer that notes each
-node's transitions (the pure replay engine runs no I/O).  A node never reached
-is ``pending``, or ``skipped`` once the instance has finished; a node still
-running when the instance finished (a race's loser) is ``skipped`` too.
+The states are the ones the interpreter recorded as ``graph_node`` facts while the
+instance ran (``df.nodes`` reads the same facts, with the same rules):
+
+* a node's own state is its latest fact (a SQL or HTTP node without one, in a history
+  recorded before facts existed, takes it from its activity's events);
+* a node whose latest fact precedes the latest iteration of a loop around it belongs to
+  an earlier iteration: it reads ``pending`` (it will run again);
+* a node that has not finished (in this iteration) under a finished ancestor was left
+  behind (an untaken branch, the rest of a failed sequence, a race's loser): ``skipped``;
+  so is every unfinished node once the instance itself has finished.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .._base import events as ev
 from .._base.definitions import OrchestrationDef
 from .._base.types import HistoryEvent, InstanceState
-from .._engine import Event, Execution, OrchestrationContext
-from .builtins import graph_of, run_registered
+from .builtins import graph_of
 from .compiler import children, compile_graph, walk
-from .interpreter import GRAPH_ORCHESTRATION, run_graph_input
+from .interpreter import GRAPH_ORCHESTRATION
 
 STATES = ("pending", "running", "completed", "failed", "skipped")
+_TERMINAL = ("completed", "failed")
 _STYLE = {
     "pending": "fill:#eeeeee,stroke:#9e9e9e,color:#616161",
     "running": "fill:#bbdefb,stroke:#1565c0,color:#0d47a1",
@@ -41,32 +47,57 @@ def graph_for(
     return graph_of(orchestrations, state.name) if orchestrations is not None else None
 
 
+def recorded_states(history: Iterable[HistoryEvent]) -> tuple[dict[str, tuple[str, tuple[int, int]]],
+                                                            dict[str, tuple[int, int]]]:
+    """From every execution's events: node id -> (latest state, its position), loop id -> latest iteration."""
+    facts: dict[str, tuple[str, tuple[int, int]]] = {}
+    iterations: dict[str, tuple[int, int]] = {}
+    activities: dict[tuple[int, int], str] = {}  # (execution, task id) -> node id, for histories before facts
+    fallback: dict[str, tuple[str, tuple[int, int]]] = {}
+    for e in sorted(history, key=lambda e: (e.execution_id, e.seq)):
+        at = (e.execution_id, e.seq)
+        if e.kind == ev.GRAPH_NODE and isinstance(e.data.get("node"), str):
+            facts[e.data["node"]] = (str(e.data.get("state")), at)
+            if "iteration" in e.data:
+                iterations[e.data["node"]] = at
+        elif e.kind == ev.ACTIVITY_SCHEDULED and isinstance(e.data.get("input"), dict):
+            node = e.data["input"].get("node")
+            if isinstance(node, str):
+                activities[(e.execution_id, e.data.get("task_id", -1))] = node
+                fallback[node] = ("running", at)
+        elif e.kind in (ev.ACTIVITY_COMPLETED, ev.ACTIVITY_FAILED):
+            node = activities.get((e.execution_id, e.data.get("task_id", -1)))
+            if node is not None:
+                fallback[node] = ("completed" if e.kind == ev.ACTIVITY_COMPLETED else "failed", at)
+    return {**fallback, **facts}, iterations
+
+
 def node_states(
     state: InstanceState, history: Iterable[HistoryEvent], tree: dict[str, Any]
 ) -> dict[str, str]:
-    """Every node id of ``tree`` mapped to its state, by replaying ``history``."""
-    seen: dict[str, str] = {}
-
-    def observe(node_id: str, node_state: str) -> None:
-        seen[node_id] = node_state
-
-    async def fn(ctx: OrchestrationContext, data: Any) -> Any:
-        if state.name == GRAPH_ORCHESTRATION:
-            return await run_graph_input(ctx, data, observe)
-        return await run_registered(ctx, tree, data, observe)
-
-    execution = Execution(fn, instance_id=state.instance_id, execution_id=state.execution_id, name=state.name)
-    try:
-        execution.replay(Event(e.kind, e.data, e.recorded_at) for e in history if e.recorded_at is not None)
-    finally:
-        execution.close()
-    finished = state.status.is_terminal
+    """Every node id of ``tree`` mapped to its state, from the facts in ``history`` (all executions)."""
+    facts, iterations = recorded_states(history)
     out: dict[str, str] = {}
-    for node in walk(tree):
-        value = seen.get(node["id"], "pending")
-        if finished and value in ("pending", "running"):
+
+    def visit(node: dict[str, Any], decided: bool, loops: list[str]) -> None:
+        own, at = facts.get(node["id"], ("pending", (0, 0)))
+        superseded = any(iterations.get(loop, (0, 0)) > at for loop in loops)
+        if own in _TERMINAL and not superseded:
+            value = own
+        elif decided:
             value = "skipped"
+        elif superseded:
+            value = "pending"
+        else:
+            value = own
         out[node["id"]] = value
+        inner = [*loops, node["id"]] if node["type"] == "loop" else loops
+        for child in children(node):
+            visit(child, decided or value in _TERMINAL, inner)
+
+    visit(tree, False, [])
+    if state.status.is_terminal:  # nothing runs any more
+        out = {k: ("skipped" if v in ("pending", "running") else v) for k, v in out.items()}
     return out
 
 
@@ -85,6 +116,7 @@ def node_label(node: dict[str, Any]) -> str:
         "wait_for_signal": node.get("name") if node.get("timeout") is None
         else f"{node.get('name')} ({node.get('timeout')} s)",
         "http": f"{node.get('method')} {node.get('url')}",
+        "http_multipart": f"{node.get('method')} {node.get('url')}",
         "call": node.get("name"),
         "activity": node.get("name"),
         "fan_out": f"over ${node.get('over')}" + (f", {node.get('limit')} at once" if node.get("limit") else ""),
@@ -92,6 +124,8 @@ def node_label(node: dict[str, Any]) -> str:
         "loop": "while cond" if node.get("cond") else "forever",
     }.get(kind)
     text = kind if not detail else f"{kind}: {' '.join(str(detail).split())}"
+    if node.get("result_name"):
+        text += f" |=> {node['result_name']}"
     if len(text) > 60:
         text = text[:57] + "..."
     return text

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import timedelta
 from types import TracebackType
@@ -128,6 +129,7 @@ class Runtime:
         self._timers = TimerLoop(self.db, sorted(app.orchestrations), self._timer, on_fired=self._orch.set,
                                  steps=self._steps, clock=self.clock)
         self._blocked_polls = 0
+        self._df_expiry_due = 0.0  # monotonic time of the next retention pass over df instances
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Runtime:
@@ -278,9 +280,21 @@ class Runtime:
         """Catch up on anything a missed NOTIFY would have announced."""
         with contextlib.suppress(DatabaseError):
             await self.db.run(worker_store.release_dead_leases, retry_for=5)
+        with contextlib.suppress(DatabaseError):
+            await self._expire_df()
         self.wake_all()
         if self.retention is not None:
             self.retention.due()  # purged by its own loop, off the LISTEN session
+
+    async def _expire_df(self) -> None:
+        """pg_durable's retention of finished df instances, every ``pg_durable.reconcile_interval`` s (0: never)."""
+        now = time.monotonic()
+        if now < self._df_expiry_due:
+            return
+        interval = await self.db.run(worker_store.df_retention_interval, transaction=False)
+        self._df_expiry_due = now + (interval or 3600)
+        if interval > 0:
+            await self.db.run(worker_store.expire_df_instances)
 
     # -- loops --------------------------------------------------------------------------
     async def _turn_loop(self) -> None:

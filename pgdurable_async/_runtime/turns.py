@@ -218,13 +218,16 @@ class TurnProcessor:
             current.sort(key=lambda m: m.kind != ev.ORCHESTRATION_STARTED)  # a start goes first (stable)
             resume = any(m.kind == ev.RESUME for m in current)  # a message, never an event
             current = [m for m in current if m.kind != ev.RESUME]
-            if row.status in TERMINAL_STATUSES or not (current or resume):
+            # df.cancel marks an instance cancelled before its execution has ended: that one still runs
+            if (row.status in TERMINAL_STATUSES and row.status != "cancelled") or not (current or resume):
                 continue
             live.append((row, current, resume))
         await self._load(conn, [row for row, _, _ in live], runs)
 
         for row, current, resume in live:
             execution = runs[row.instance_id]
+            if row.status == "cancelled" and execution.finished and execution.history_len == row.history_len:
+                continue  # marked cancelled, and its history had already ended: nothing to add
             if resume and execution.resumable:  # only a fork's first turn: nothing is issued twice
                 for command in execution.open_commands():
                     self._command(row, command.kind, command.data, w, reissue=True)

@@ -49,11 +49,21 @@ async def run_node_sql(
     if row is None:
         raise NodeRefused(f"instance {instance_id!r} of node {node_id} does not exist")
     if row["name"] != GRAPH_ORCHESTRATION:  # App.graph: trusted code, the worker's role
-        await conn.execute(q("set_search_path"), search_path)
+        await conn.execute(q("enter_app_graph"), search_path)
         stmt = await conn.prepare(query)
-        return rows_result(stmt.get_attributes(), await stmt.fetch(*params))
+        _check_columns(stmt.get_attributes())
+        result = rows_result(stmt.get_attributes(), await stmt.fetch(*params))
+        await conn.execute(q("leave_app_graph"))
+        return result
+    if row["status"] == "cancelled":  # df.cancel marked it; its worker turn has not caught up yet
+        raise NodeRefused(f"instance {instance_id!r} was cancelled; node {node_id} does not run")
     if row["rolname"] is None:
         raise NodeRefused(f"the role that submitted instance {instance_id!r} no longer exists; its SQL cannot run")
+    if row["rolsuper"] and not row["superuser_allowed"]:
+        raise NodeRefused(
+            f"instance {instance_id!r} was submitted by the superuser {row['rolname']!r}, and superuser instances "
+            "are disabled (set pg_durable.enable_superuser_instances = on for the worker's sessions to allow them)"
+        )
     try:
         await conn.execute(q("enter_tenant"), row["rolname"], search_path)
     except asyncpg.InsufficientPrivilegeError:
@@ -63,6 +73,7 @@ async def run_node_sql(
         ) from None
     stmt = await conn.prepare(query)  # names resolve as the tenant's; nothing runs yet
     attributes = stmt.get_attributes()
+    _check_columns(attributes)
     executed = query
     if any(_is_pseudo(a.type) for a in attributes):
         executed = _without_pseudo_types(query, attributes)
@@ -70,6 +81,20 @@ async def run_node_sql(
     await conn.execute(q("leave_tenant"))
     await conn.execute(q("discard_tenant_state"))
     return rows_result(attributes, records)
+
+
+#: Column types a result cannot carry, as in pg_durable (binary data has no JSON form both sides read alike).
+_UNSUPPORTED = frozenset({"bytea"})
+
+
+def _check_columns(attributes: Any) -> None:
+    """Refuse, before anything runs, a statement whose result has a column of an unsupported type."""
+    for a in attributes:
+        if (getattr(a.type, "schema", None) or "pg_catalog") == "pg_catalog" and a.type.name in _UNSUPPORTED:
+            raise NodeRefused(
+                f"Unsupported column type '{a.type.name}' for column '{a.name}': cast it to text "
+                f"(encode({a.name}, 'base64')) in the node's SQL"
+            )
 
 
 #: Types a column definition list cannot name (the function's rows are declared by type).
@@ -150,8 +175,8 @@ def _json_value(v: Any) -> Any:
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else None
-    if isinstance(v, decimal.Decimal):
-        return str(v)
+    if isinstance(v, decimal.Decimal):  # the exact digits: the driver decodes 10000 as Decimal('1E+4')
+        return format(v, "f") if v.is_finite() else str(v)
     if isinstance(v, _dt.datetime) and v.tzinfo is not None:
         return v.astimezone(_dt.UTC).isoformat()
     if isinstance(v, (_dt.datetime, _dt.date, _dt.time)):

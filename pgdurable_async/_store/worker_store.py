@@ -31,3 +31,26 @@ async def deregister_worker(conn: Connection, *, worker_id: str) -> None:
 async def release_dead_leases(conn: Connection) -> int:
     """Expire the leases of workers whose session is gone or whose heartbeat expired; returns how many."""
     return len(await conn.fetch(q("release_dead_leases")))
+
+
+async def expire_df_instances(conn: Connection) -> int | None:
+    """pg_durable's retention pass over finished ``df`` instances; how many were removed.
+
+    None when it is not this worker's to run (no ``df``, or ``df._expire`` not granted).
+    """
+    settings = await conn.fetchrow(q("df_retention_settings"))
+    if settings is None or not settings["allowed"]:
+        return None
+    removed = 0
+    for _ in range(100):  # 1,000 a batch; the next pass takes the rest
+        batch = int(await conn.fetchval(q("df_expire"), settings["retention_days"], 1000))
+        removed += batch
+        if batch < 1000:
+            break
+    return removed
+
+
+async def df_retention_interval(conn: Connection) -> int:
+    """Seconds between retention passes (``pg_durable.reconcile_interval``; 0 disables them)."""
+    settings = await conn.fetchrow(q("df_retention_settings"))
+    return 3600 if settings is None else int(settings["reconcile_interval"])

@@ -142,10 +142,10 @@ async def test_state_reads_see_what_await_instance_waited_for(dsn: str) -> None:
 
             # df.explain: an unknown id, a DSL expression given as text, a plain SQL statement
             assert await conn.fetchval("SELECT df.explain('0000abcd')") == "Instance '0000abcd' not found"
-            assert "[completed]" in await conn.fetchval("SELECT df.explain($1)", instance_id)
+            assert "✓ completed" in await conn.fetchval("SELECT df.explain($1)", instance_id)
             outline = await conn.fetchval("SELECT df.explain($$ df.sql('SELECT 1') ~> df.sleep(60) $$)")
-            assert outline.splitlines() == ["SEQ", "  SQL SELECT 1", "  SLEEP"]
-            assert (await conn.fetchval("SELECT df.explain('SELECT 2')")).splitlines() == ["SQL SELECT 2"]
+            assert outline.splitlines() == ["SQL: SELECT 1", "→ SLEEP 60s"]
+            assert (await conn.fetchval("SELECT df.explain('SELECT 2')")).splitlines() == ["SQL: SELECT 2"]
         finally:
             await conn.close()
 

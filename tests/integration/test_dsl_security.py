@@ -125,10 +125,10 @@ async def test_instance_nodes(dsn: str) -> None:
                 k: r["inferred_status"] for k, r in rows.items()}
         finally:
             await conn.close()
-    assert rows["n0"]["node_type"] == "SEQ" and rows["n0"]["inferred_status"] == "completed"
-    assert rows["n0.0"]["result_name"] == "x" and rows["n0.0"]["left_node"] == "n0.0.0"
-    assert rows["n0.0.0"]["query"] == "SELECT 1 AS one" and rows["n0.0.0"]["status"] == "completed"
-    assert '"rows": [{"one": 1}]' in rows["n0.0.0"]["result"]
+    assert rows["n0"]["node_type"] == "THEN" and rows["n0"]["inferred_status"] == "completed"
+    assert rows["n0.0"]["result_name"] == "x" and rows["n0.0"]["node_type"] == "SQL"  # the name is on the node
+    assert rows["n0.0"]["query"] == "SELECT 1 AS one" and rows["n0.0"]["status"] == "completed"
+    assert '"rows": [{"one": 1}]' in rows["n0.0"]["result"]
     assert rows["n0.1"]["node_type"] == "SLEEP" and rows["n0.1"]["inferred_status"] == "completed"
     assert rows["n0.2.1"]["status"] == "completed"
     assert rows["n0.2.2"]["status"] == "pending" and rows["n0.2.2"]["inferred_status"] == "skipped"

@@ -149,7 +149,7 @@ async def test_rewritten_statements_prepare_with_their_parameters(dsn: str, sel:
         assert len(stmt.get_parameters()) == len(params), text
         row = await stmt.fetchrow(*params)
         assert row is not None
-        got = [str(v) if isinstance(v, decimal.Decimal) else v for v in row.values()]
+        got = [format(v, "f") if isinstance(v, decimal.Decimal) else v for v in row.values()]
         got = [json.loads(g) if isinstance(e, tuple) and g is not None else g
                for g, e in zip(got, sel.expected, strict=True)]
         want = [orjson.loads(orjson.dumps(e[1])) if isinstance(e, tuple) else e for e in sel.expected]

@@ -314,3 +314,29 @@ async def test_df_start_inside_a_security_definer_function_runs_as_its_owner(dsn
         assert await t.bob.fetchval("SELECT who FROM bob_log") == bob
         assert await t.bob.fetchval("SELECT submitted_by::text FROM df.instances WHERE id = $1", instance_id) == bob
         assert await t.alice.fetchval("SELECT df.status($1)", instance_id) is None  # bob's, not alice's
+
+
+# -- the second session (dblink) carries only what was checked in the caller's --------------------------
+async def test_nothing_reaches_the_second_session_unchecked(dsn: str) -> None:
+    async with tenants(dsn) as t:
+        await t.admin.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+        theirs = await t.bob.fetchval("SELECT df.start(df.wait_for_signal('go', 30))")
+        bob = await t.admin.fetchval("SELECT $1::regrole::oid", t.names["bob"])
+        for call in ("SELECT df.signal($1, 'go')", "SELECT df.cancel($1, 'mine now')"):
+            with pytest.raises(asyncpg.PostgresError, match="not found or access denied"):
+                await t.alice.execute(call, theirs)
+        for kind in ("event_received", "cancel_requested"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # a request cannot name another role
+                await t.alice.execute("INSERT INTO df._requests (kind, instance_id, payload, requested_by)"
+                                      " VALUES ($1, $2, '{\"name\": \"go\"}', $3)", kind, theirs, bob)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await t.alice.execute("INSERT INTO df._requests (kind, graph, payload, requested_by) VALUES"
+                                  " ('start', '{\"type\": \"sql\", \"query\": \"SELECT s FROM bob_secret\"}',"
+                                  " '{\"transaction_mode\": \"new\"}', $1)", bob)
+        for helper in ("SELECT df._remote('SELECT 1')", "SELECT df._expire(0)",
+                       "SELECT df._create_instance('{}', 'abcdef12', 10)"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await t.alice.execute(helper)
+        await anyio.sleep(1)
+        assert await t.bob.fetchval("SELECT df.status($1)", theirs) == "running"  # nothing was delivered
+        assert await t.admin.fetchval("SELECT count(*) FROM pgdurable.instances WHERE submitted_by = $1", bob) == 1

@@ -45,7 +45,7 @@ CLEAN = [
 
 
 def test_every_saved_history_is_covered() -> None:
-    covered = {f for f, _ in CLEAN} | {f for f, _, _ in CHANGED} | {f for f, _ in MALFORMED}
+    covered = {f for f, _ in CLEAN} | {f for f, _, _ in CHANGED} | {f for f, _ in MALFORMED} | set(GRAPHS)
     assert covered >= {p.name for p in HISTORIES.glob("*.json")}
 
 
@@ -176,3 +176,38 @@ def test_more_malformed_histories_fail_cleanly(tmp_path: Path, mutate: Any, deta
     execution.replay(events)  # must not raise
     assert execution.outcome is not None and execution.outcome.kind == ev.ORCHESTRATION_FAILED
     assert detail in execution.outcome.data["error"]["message"]
+
+
+# -- a graph history recorded before node facts existed (schema 9 code) ---------------------------
+GRAPHS = ["graph_before_facts.json"]
+
+
+def _commands(events: list[Event]) -> list[tuple[str, Any, Any]]:
+    """What the code decided (commands and the ending), without node facts or incoming messages."""
+    return [(e.kind, e.data.get("task_id"), e.data.get("name")) for e in events
+            if e.kind not in ev.MESSAGE_KINDS and e.kind not in ev.NOTE_KINDS]
+
+
+def test_graph_history_from_before_node_facts_replays() -> None:
+    """Today's interpreter replays it (semantics 1: the race's loser ran on), from every crash point.
+
+    Resumed there, it records node facts from then on, and decides exactly what the old code did.
+    """
+    from pgdurable_async._graph.builtins import graph_orchestration
+
+    doc, events = load_history(HISTORIES / "graph_before_facts.json")
+    whole = _execution(doc, graph_orchestration)
+    whole.replay(events)
+    assert whole.outcome is not None and whole.outcome.kind == ev.ORCHESTRATION_COMPLETED
+    assert whole.advance([], events[-1].recorded_at) == []
+    for cut in [k for k in range(1, len(events)) if events[k].kind in ev.MESSAGE_KINDS]:  # between turns
+        execution = _execution(doc, graph_orchestration)
+        execution.replay(events[:cut])
+        new: list[Event] = []
+        for event in events[cut:]:
+            if event.kind in ev.MESSAGE_KINDS:
+                new += execution.advance([(event.kind, event.data)], event.recorded_at)
+        recorded_tail = [e for e in events[cut:] if e.kind not in ev.MESSAGE_KINDS]
+        assert _commands(new) == _commands(recorded_tail), cut
+        assert all(e.kind != ev.VERSION_MARKER for e in new), cut  # it stays on the old semantics
+        execution.close()

@@ -83,8 +83,9 @@ JOIN instances i ON i.instance_id = m.instance_id
 ORDER BY m.n;
 
 -- name: update_instances
+-- An instance df.cancel marked cancelled stays cancelled, whatever its execution does next.
 UPDATE instances i
-SET status = u.status,
+SET status = CASE WHEN i.status = 'cancelled' THEN 'cancelled' ELSE u.status END,
     output = u.output::jsonb,
     error = u.error::jsonb,
     custom_status = CASE WHEN u.custom_status_set THEN u.custom_status::jsonb ELSE i.custom_status END,
@@ -278,6 +279,20 @@ WHERE id IN (SELECT id FROM work_queue
              FOR UPDATE SKIP LOCKED)
 RETURNING id;
 
+-- name: df_retention_settings
+-- pg_durable's retention settings as it reads them (defaults: a pass every 3600 s, 30 days), and
+-- whether this worker may run the pass (df installed, df._expire granted: the owner, grant_worker).
+SELECT CASE WHEN s.interval ~ '^[0-9]{1,9}$' THEN s.interval::int ELSE 3600 END AS reconcile_interval,
+       CASE WHEN s.days ~ '^[0-9]{1,5}$' THEN s.days::int ELSE 30 END AS retention_days,
+       to_regprocedure('df._expire(integer, integer, integer)') IS NOT NULL
+           AND has_function_privilege('df._expire(integer, integer, integer)', 'EXECUTE') AS allowed
+FROM (SELECT btrim(coalesce(current_setting('pg_durable.reconcile_interval', true), '')) AS interval,
+             btrim(coalesce(current_setting('pg_durable.retention_days', true), '')) AS days) s;
+
+-- name: df_expire
+-- One batch of finished df instances past pg_durable's retention window or cap (10,000).
+SELECT df._expire($1, 10000, $2);
+
 -- name: get_instance
 SELECT instance_id, name, status, input, output, error, custom_status, created_at,
        updated_at, execution_id, parent_instance_id
@@ -446,19 +461,32 @@ SELECT EXISTS (SELECT 1 FROM orchestrator_queue WHERE orchestration = ANY($1::te
                - (now() + $3::interval))::float8 AS due_in;
 
 -- name: node_submitter
--- Who a graph node's SQL runs as: the role recorded when the instance was submitted.
-SELECT i.name, i.submitted_by, r.rolname
+-- Who a graph node's SQL runs as: the role recorded when the instance was submitted (and whether
+-- this worker's settings let a superuser's graph run).
+SELECT i.name, i.status, i.submitted_by, r.rolname, coalesce(r.rolsuper, false) AS rolsuper,
+       lower(btrim(coalesce(current_setting('pg_durable.enable_superuser_instances', true), '')))
+           IN ('on', 'true', 'yes', '1') AS superuser_allowed
 FROM instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
 WHERE i.instance_id = $1;
 
 -- name: enter_tenant
 -- For the rest of the transaction: the tenant's role and search_path (qualified calls only
--- from here on: the tenant's search_path may shadow unqualified names).
-SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true);
+-- from here on: the tenant's search_path may shadow unqualified names), and df.in_workflow,
+-- which df.setvar, df.await_instance and df.start(transaction_mode => 'new') refuse to run under.
+SELECT pg_catalog.set_config('role', $1, true), pg_catalog.set_config('search_path', $2, true),
+       pg_catalog.set_config('df.in_workflow', 'true', true);
 
 -- name: leave_tenant
 -- Back to the worker's role, resolving names in the catalog only until the caller sets its own path.
-SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true), pg_catalog.set_config('role', 'none', true);
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true), pg_catalog.set_config('role', 'none', true),
+       pg_catalog.set_config('df.in_workflow', '', true);
+
+-- name: enter_app_graph
+-- An App.graph node runs as the worker, under df.in_workflow too.
+SELECT pg_catalog.set_config('search_path', $1, true), pg_catalog.set_config('df.in_workflow', 'true', true);
+
+-- name: leave_app_graph
+SELECT pg_catalog.set_config('df.in_workflow', '', true);
 
 -- name: node_wrapper_rows
 -- The tenant's statement runs inside a SECURITY DEFINER function owned by the tenant
