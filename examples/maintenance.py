@@ -1,13 +1,18 @@
-"""Maintenance with a human in the loop, started from SQL with ``df.start``.
+"""Maintenance in a nightly window, with a human in the loop, on a schedule.
 
-Find bloated tables (dead tuples over a threshold), and only if there are any:
-wait for an ``approval`` signal for up to a minute, then run the follow-up SQL
-(``ANALYZE`` of each bloated table, through a small PL/pgSQL helper) — or log
-that the approval timed out.  An operator approves with
-``SELECT df.signal('<id>', 'approval', '{"by": "alice"}')``.
+A cron schedule starts the ``maintenance`` graph at 03:00 Paris time, every night
+(``client.create_schedule("maintenance-window", "maintenance", cron="0 3 * * *",
+timezone="Europe/Paris")``; a schedule is a row, fired by whichever worker runs the
+graph, once per night however many workers run).  The graph finds bloated tables
+(dead tuples over a threshold), and only if there are any: waits for an
+``approval`` event for up to a minute, then runs the follow-up SQL (``ANALYZE`` of
+each bloated table, through a small PL/pgSQL helper), or logs that the approval
+timed out.  An operator approves with ``client.raise_event(id, "approval",
+{"by": "alice"})`` (or ``SELECT df.signal(id, 'approval', '{"by": "alice"}')``).
 
-Run it: ``python -m pgdurable_async demo maintenance`` (the demo approves after
-a second, as an operator would).
+Run it: ``python -m pgdurable_async demo maintenance``: the demo does not wait for
+03:00; it fires the schedule at once (``trigger_schedule``, the same instance id
+format ``maintenance-window@<time>``) and approves after a second, as an operator would.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import anyio
 import asyncpg
 
 import pgdurable_async as pgd
+from pgdurable_async import dsl
 from pgdurable_async._client.graphs import render_instance
 
-app = pgd.App()
+SCHEDULE = "maintenance-window"
 
 SETUP = """
 DROP TABLE IF EXISTS maintenance_log; DROP TABLE IF EXISTS events_archive;
@@ -40,26 +46,35 @@ BEGIN
 END $$;
 """
 
-START = """
-SELECT df.start(
-    $$SELECT relname, n_dead_tup FROM pg_stat_user_tables
-      WHERE n_dead_tup > 1000 ORDER BY n_dead_tup DESC$$ |=> 'bloated'
-    ~> df.if_rows(
-        'bloated',
-        df.wait_for_signal('approval', $1)
-        ~> (
-            '$approval.timed_out'
-                ?> 'INSERT INTO maintenance_log (action) VALUES (''approval timed out'')'
-                !> $$INSERT INTO maintenance_log (action, tables, approved_by)
-                     SELECT 'analyzed ' || analyze_tables(array_agg(relname::text)) || ' table(s)',
-                            array_agg(relname::text), $approval.by?
-                     FROM $bloated.*$$
-        ),
-        'INSERT INTO maintenance_log (action) VALUES (''nothing to do'')'
-    ),
-    'maintenance'
-)
-"""
+
+def maintenance(approval_timeout: float) -> dsl.Node:
+    """The graph: find bloat, wait for approval (or time out), follow up."""
+    return (
+        dsl.sql("SELECT relname, n_dead_tup FROM pg_stat_user_tables WHERE n_dead_tup > 1000"
+                " ORDER BY n_dead_tup DESC").bind("bloated")
+        >> dsl.if_rows(
+            "bloated",
+            dsl.wait_for_signal("approval", approval_timeout)
+            >> dsl.if_(
+                "SELECT $approval.timed_out",
+                "INSERT INTO maintenance_log (action) VALUES ('approval timed out')",
+                """INSERT INTO maintenance_log (action, tables, approved_by)
+                   SELECT 'analyzed ' || analyze_tables(array_agg(relname::text)) || ' table(s)',
+                          array_agg(relname::text), $approval.by?
+                   FROM $bloated.*""",
+            ),
+            "INSERT INTO maintenance_log (action) VALUES ('nothing to do')",
+        )
+    )
+
+
+def make_app(approval_timeout: float = 60) -> pgd.App:
+    app = pgd.App()
+    app.graph("maintenance", maintenance(approval_timeout))
+    return app
+
+
+app = make_app()
 
 
 async def _wait_for_stats(conn: asyncpg.Connection) -> None:
@@ -72,21 +87,32 @@ async def _wait_for_stats(conn: asyncpg.Connection) -> None:
 
 
 async def run(dsn: str, *, out: TextIO = sys.stdout, approve: bool = True, timeout: float = 60) -> dict[str, Any]:
-    async with pgd.Runtime(app, dsn) as runtime:
+    graph_app = app if timeout == 60 else make_app(timeout)
+    async with pgd.Runtime(graph_app, dsn) as runtime:
+        client = runtime.client
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute(SETUP)
             await _wait_for_stats(conn)
-            instance_id = await conn.fetchval(START.replace("$1", str(float(timeout))))
-            print(f"started {instance_id}: waiting up to {timeout:g} s for approval of the follow-up SQL", file=out)
+            if SCHEDULE in {s.schedule_id for s in await client.list_schedules()}:
+                await client.delete_schedule(SCHEDULE)  # a re-run of the demo on the same database
+            schedule = await client.create_schedule(SCHEDULE, "maintenance", cron="0 3 * * *",
+                                                    timezone="Europe/Paris")
+            print(f"schedule {SCHEDULE}: cron '0 3 * * *' in Europe/Paris, next fire at "
+                  f"{schedule.next_fire_at.isoformat()}; firing it now for the demo", file=out)
+            handle = await client.trigger_schedule(SCHEDULE)
+            print(f"started {handle.instance_id}: waiting up to {timeout:g} s for approval of the follow-up SQL",
+                  file=out)
             if approve:
                 await anyio.sleep(1)
-                await conn.execute("SELECT df.signal($1, 'approval', '{\"by\": \"alice\"}')", instance_id)
-                print("operator: SELECT df.signal(id, 'approval', '{\"by\": \"alice\"}')", file=out)
-            status = await conn.fetchval("SELECT df.await_instance($1, $2)", instance_id, timeout + 30)
+                await client.raise_event(handle.instance_id, "approval", {"by": "alice"})
+                print(f"operator: client.raise_event({handle.instance_id!r}, 'approval', {{'by': 'alice'}})",
+                      file=out)
+            await handle.result(timeout=timeout + 30)
+            status = (await handle.status()).status.value
             log = [dict(r) for r in await conn.fetch("SELECT action, tables, approved_by FROM maintenance_log")]
         finally:
             await conn.close()
         print(f"status: {status}; maintenance log: {log}", file=out)
-        print(await render_instance(runtime.client, instance_id), file=out)
-    return {"status": status, "log": log}
+        print(await render_instance(client, handle.instance_id, graph_app), file=out)
+    return {"status": status, "log": log, "instance_id": handle.instance_id}

@@ -1,9 +1,10 @@
-"""Draining a transactional outbox in groups, with delivery checkpoints.
+"""Draining a transactional outbox on a cadence, in groups, with delivery checkpoints.
 
-The business transaction writes its rows and its outbox messages together, and
-starts the drain graph in the same transaction (``df.start`` in the caller's
-transaction: it runs if and only if that transaction commits; no polling
-relay).  The graph, written with ``pgdurable_async.dsl``, loops:
+The business transaction writes its rows and its outbox messages together (one
+commit: a message exists if and only if its order does).  A schedule drains the
+outbox every second (``client.create_schedule("outbox-drain", "outbox.drain",
+every=1)``, ``overlap="skip"``: a drain never starts while the previous one still
+runs).  The drain graph, written with ``pgdurable_async.dsl``, loops:
 
     take the next group of 25 undelivered messages (SQL, bound as $group)
     → none left? break
@@ -12,7 +13,8 @@ relay).  The graph, written with ``pgdurable_async.dsl``, loops:
 
 A crash between publish and checkpoint re-publishes that group only, and the
 broker drops the duplicates by message id: at-least-once delivery, exactly-once
-effect.
+effect.  (To drain at once instead, a business transaction can also start the
+drain itself with ``df.start``, which runs if and only if that transaction commits.)
 
 Run it: ``python -m pgdurable_async demo outbox``.
 """
@@ -23,7 +25,6 @@ import sys
 from typing import Any, TextIO
 
 import asyncpg
-import orjson
 
 import pgdurable_async as pgd
 from pgdurable_async import dsl
@@ -31,6 +32,7 @@ from pgdurable_async._client.graphs import render_instance
 
 app = pgd.App()
 GROUP = 25
+SCHEDULE = "outbox-drain"
 
 
 class Broker:
@@ -64,6 +66,7 @@ drain = dsl.loop(
         dsl.break_({"drained": True}),
     )
 )
+app.graph("outbox.drain", drain)
 
 SETUP = """
 DROP TABLE IF EXISTS outbox; DROP TABLE IF EXISTS orders;
@@ -75,35 +78,40 @@ CREATE TABLE outbox (
 """
 
 
-async def place_orders(conn: asyncpg.Connection, count: int, graph: dict[str, Any]) -> str:
-    """One business transaction: the orders, their outbox messages and the drain's start."""
+async def place_orders(conn: asyncpg.Connection, count: int) -> None:
+    """One business transaction: the orders and their outbox messages."""
     async with conn.transaction():
         await conn.execute(
             "WITH o AS (INSERT INTO orders (item) SELECT 'item ' || g FROM generate_series(1, $1) g RETURNING id)"
             " INSERT INTO outbox (topic, payload) SELECT 'order.placed', jsonb_build_object('order_id', id) FROM o",
             count,
         )
-        instance_id: str = await conn.fetchval("SELECT df.start($1::text, 'outbox-drain')",
-                                               orjson.dumps(graph).decode())
-    return instance_id
 
 
 async def run(dsn: str, *, out: TextIO = sys.stdout, count: int = 110) -> dict[str, Any]:
     async with pgd.Runtime(app, dsn) as runtime:
+        client = runtime.client
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute(SETUP)
-            instance_id = await place_orders(conn, count, dsl.compile(drain))
-            print(f"committed {count} orders + outbox rows and started drain {instance_id} in one transaction",
-                  file=out)
-            result = await runtime.client.wait(instance_id, timeout=60)
+            if SCHEDULE in {s.schedule_id for s in await client.list_schedules()}:
+                await client.delete_schedule(SCHEDULE)  # a re-run of the demo on the same database
+            await place_orders(conn, count)
+            print(f"committed {count} orders + their outbox rows in one transaction", file=out)
+            await client.create_schedule(SCHEDULE, "outbox.drain", every=1, overlap="skip")
+            handle = await client.trigger_schedule(SCHEDULE)  # the first drain now, then one every second
+            print(f"schedule {SCHEDULE}: a drain every second (overlap=skip); the first one now: "
+                  f"{handle.instance_id}", file=out)
+            result = await handle.result(timeout=60)
+            await client.pause_schedule(SCHEDULE)
             delivered = await conn.fetchval("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
         finally:
             await conn.close()
-        groups = sum(1 for e in await runtime.client.history(instance_id)
+        groups = sum(1 for e in await handle.history()
                      if e.kind == "activity_scheduled"
                      and str(e.data.get("input", {}).get("query", "")).startswith("UPDATE"))
         print(f"result: {result}; delivered {delivered}/{count} in {groups} checkpointed groups of <= {GROUP}; "
               f"broker holds {len(broker.messages)} messages from {broker.publishes} publishes", file=out)
-        print(await render_instance(runtime.client, instance_id), file=out)
-    return {"result": result, "delivered": delivered, "groups": groups, "broker": len(broker.messages)}
+        print(await render_instance(client, handle.instance_id, app), file=out)
+    return {"result": result, "delivered": delivered, "groups": groups, "broker": len(broker.messages),
+            "instance_id": handle.instance_id}

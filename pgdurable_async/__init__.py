@@ -32,13 +32,15 @@ from ._base.errors import (
     InvalidArgument,
     NonDeterminismError,
     PgDurableError,
+    ScheduleAlreadyExists,
+    ScheduleNotFound,
     SchemaVersionError,
     SerializationError,
     SubOrchestrationError,
     TimeoutError,
     UnknownNameError,
 )
-from ._base.types import HistoryEvent, InstanceState, RetryPolicy, Status
+from ._base.types import HistoryEvent, InstanceState, Queue, RateLimit, RetryPolicy, ScheduleInfo, Status
 from ._base.version import __version__
 from ._client import Client, InstanceHandle
 from ._engine import OrchestrationContext, Task
@@ -63,8 +65,13 @@ __all__ = [
     "NonDeterminismError",
     "OrchestrationContext",
     "PgDurableError",
+    "Queue",
+    "RateLimit",
     "RetryPolicy",
     "Runtime",
+    "ScheduleAlreadyExists",
+    "ScheduleInfo",
+    "ScheduleNotFound",
     "SchemaVersionError",
     "SerializationError",
     "Status",

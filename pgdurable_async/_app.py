@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 from ._base.definitions import DEFAULT_RETRY, ActivityDef, OrchestrationDef
 from ._base.errors import ConfigurationError
 from ._base.names import MAX_ID_LENGTH, NAME_ATTR, RESERVED_PREFIX, is_reserved
-from ._base.types import RetryPolicy
+from ._base.types import Queue, RetryPolicy
 from ._graph.builtins import builtin_activities, builtin_orchestrations, graph_function
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -25,13 +25,14 @@ class App:
     def __init__(self) -> None:
         self.activities: dict[str, ActivityDef] = {}
         self.orchestrations: dict[str, OrchestrationDef] = {}
+        self.queues: dict[str, Queue] = {}
 
     @overload
     def activity(self, fn: F, /) -> F: ...
     @overload
     def activity(
         self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, queue: Queue | None = None,
     ) -> Callable[[F], F]: ...
     def activity(
         self,
@@ -41,20 +42,23 @@ class App:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        queue: Queue | None = None,
     ) -> F | Callable[[F], F]:
         """Register an activity: ``async def act(ctx: ActivityContext, input)``.
 
         ``retry`` says how failures are retried; ``timeout`` (seconds) fails an
-        attempt that runs longer (and retries it per ``retry``).
+        attempt that runs longer (and retries it per ``retry``); ``queue`` puts it
+        under a :class:`Queue`'s limits, which hold across every worker.
         """
-        return self._register_activity(fn, name=name, retry=retry, timeout=timeout, transactional=False)
+        return self._register_activity(fn, name=name, retry=retry, timeout=timeout, transactional=False,
+                                       queue=queue)
 
     @overload
     def transaction(self, fn: F, /) -> F: ...
     @overload
     def transaction(
         self, fn: None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, queue: Queue | None = None,
     ) -> Callable[[F], F]: ...
     def transaction(
         self,
@@ -64,9 +68,11 @@ class App:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        queue: Queue | None = None,
     ) -> F | Callable[[F], F]:
         """Register a transactional activity: its SQL (via ``ctx.conn``) commits with its completion."""
-        return self._register_activity(fn, name=name, retry=retry, timeout=timeout, transactional=True)
+        return self._register_activity(fn, name=name, retry=retry, timeout=timeout, transactional=True,
+                                       queue=queue)
 
     @overload
     def orchestration(self, fn: F, /) -> F: ...
@@ -91,17 +97,28 @@ class App:
         retry: RetryPolicy | None,
         timeout: float | None,
         transactional: bool,
+        queue: Queue | None = None,
     ) -> F | Callable[[F], F]:
         if timeout is not None and timeout <= 0:
             raise ConfigurationError("an activity timeout must be positive")
+        if queue is not None:
+            self._add_queue(queue)
 
         def register(f: F) -> F:
             reg_name = self._check_new(name or f.__name__, f)
-            self.activities[reg_name] = ActivityDef(reg_name, f, retry or DEFAULT_RETRY, transactional, timeout)
+            self.activities[reg_name] = ActivityDef(reg_name, f, retry or DEFAULT_RETRY, transactional, timeout,
+                                                    None if queue is None else queue.name)
             setattr(f, NAME_ATTR, reg_name)
             return f
 
         return register(fn) if fn is not None else register
+
+    def _add_queue(self, queue: Queue) -> None:
+        if not isinstance(queue, Queue):
+            raise ConfigurationError(f"queue= takes a pgd.Queue, not {type(queue).__name__}")
+        known = self.queues.setdefault(queue.name, queue)
+        if known != queue:
+            raise ConfigurationError(f"two different queues are named {queue.name!r}: {known} and {queue}")
 
     def _check_new(self, name: str, fn: Callable[..., Any]) -> str:
         if not inspect.iscoroutinefunction(fn):

@@ -187,9 +187,18 @@ def call(orchestration: Any, input: Any = None) -> Node:
     return Node({"type": "call", "name": name_of(orchestration, kind="orchestration"), "input": input})
 
 
-def activity(fn: Any, input: Any = None) -> Node:
-    """A Python step: a registered activity (function or name)."""
-    return Node({"type": "activity", "name": name_of(fn, kind="activity"), "input": input})
+def activity(fn: Any, input: Any = None, *, key: str | None = None, priority: int | None = None) -> Node:
+    """A Python step: a registered activity (function or name).
+
+    ``key`` and ``priority`` are those of ``ctx.call_activity`` (for the activity's queue);
+    ``key`` may be a reference such as ``"$item.tenant"``.
+    """
+    data: dict[str, Any] = {"type": "activity", "name": name_of(fn, kind="activity"), "input": input}
+    if key is not None:
+        data["key"] = key
+    if priority is not None:
+        data["priority"] = priority
+    return Node(data)
 
 
 def fan_out(*, over: str, step: Node | str, limit: int | None = None, as_: str = "item") -> Node:

@@ -40,6 +40,7 @@ class ActivityDef:
     retry: RetryPolicy
     transactional: bool
     timeout: float | None = None  # start-to-close, per attempt
+    queue: str | None = None  # the name of its pgd.Queue, if any
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@
     ├── UnknownNameError            no orchestration / activity registered under a name
     ├── InstanceNotFound
     ├── InstanceAlreadyExists
+    ├── ScheduleNotFound
+    ├── ScheduleAlreadyExists
     ├── InstanceFailed              the awaited instance failed (carries its error)
     ├── ActivityError               an activity failed after its retries (type, message, traceback)
     ├── SubOrchestrationError       a child orchestration failed
@@ -107,6 +109,20 @@ class InstanceAlreadyExists(PgDurableError):
 
     def __init__(self, instance_id: str = "") -> None:
         super().__init__(f"instance {instance_id!r} already exists", instance_id=instance_id)
+
+
+class ScheduleNotFound(PgDurableError):
+    """No schedule has the given id."""
+
+    def __init__(self, schedule_id: str = "") -> None:
+        super().__init__(f"schedule {schedule_id!r} not found", schedule_id=schedule_id)
+
+
+class ScheduleAlreadyExists(PgDurableError):
+    """A schedule with the given id already exists."""
+
+    def __init__(self, schedule_id: str = "") -> None:
+        super().__init__(f"schedule {schedule_id!r} already exists", schedule_id=schedule_id)
 
 
 class InstanceFailed(PgDurableError):

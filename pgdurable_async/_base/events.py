@@ -24,8 +24,8 @@ from __future__ import annotations
 import traceback as _traceback
 from typing import Any, Final
 
-ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, instance_id, execution_id}
-ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input}
+ORCHESTRATION_STARTED: Final = "orchestration_started"  # {name, input, instance_id, execution_id, parent?}
+ACTIVITY_SCHEDULED: Final = "activity_scheduled"  # {task_id, name, input, retry?, key?, priority?}
 ACTIVITY_COMPLETED: Final = "activity_completed"  # {task_id, result, attempts}
 ACTIVITY_FAILED: Final = "activity_failed"  # {task_id, error, attempts}
 TIMER_CREATED: Final = "timer_created"  # {task_id, fire_at}

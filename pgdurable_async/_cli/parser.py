@@ -8,7 +8,7 @@ from typing import NoReturn
 
 from .._base.types import TERMINAL_STATUSES, Status
 from .._base.version import __version__
-from . import admin, lifecycle
+from . import admin, lifecycle, schedules
 from .dashboard import cmd_dashboard
 from .devtools import DSN_ENV, cmd_bench, cmd_demo
 from .worker import cmd_migrate, cmd_worker
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable cancel / terminate / raise-event (they need the token)")
     p.add_argument("--token", help="bearer token for the actions (default: $PGDURABLE_DASHBOARD_TOKEN, else generated)")
     p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App, to draw its App.graph workflows")
+    schedules.add_commands(sub, common, _Parser, _json_flag)
     p = add("demo", cmd_demo, "run a demo fan-out workflow with live progress, or a graph example", needs_dsn=False)
     p.add_argument(
         "name",

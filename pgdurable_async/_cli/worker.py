@@ -62,12 +62,13 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             async with runtime:
                 log.info(
-                    "worker %s ready: %d orchestrations, %d activities, concurrency %d, wake %s",
+                    "worker %s ready: %d orchestrations, %d activities, concurrency %d, wake %s, queues: %s",
                     runtime.worker_id,
                     len(app.orchestrations),
                     len(app.activities),
                     args.concurrency,
                     runtime.wake if runtime.wake == "listen" else f"poll every {runtime.poll_interval:g} s",
+                    ", ".join(sorted(app.queues)) or "-",
                 )
                 async for signum in signals:
                     name = signal.Signals(signum).name

@@ -30,6 +30,7 @@ from .._base.types import TERMINAL_STATUSES, HistoryEvent, InstanceState, Status
 from .._store import Database, instance_store, turn_store
 from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import require_current
+from .schedules import ScheduleMethods
 
 _RECHECK_SECONDS = 30.0  # safety re-check while waiting, in case a NOTIFY was missed
 _PURGE_BATCH = 100  # finished instances (with their descendants) per purge transaction
@@ -71,8 +72,19 @@ class InstanceHandle:
         return await self.client.wait_value(self.instance_id, key, timeout=timeout)
 
 
-class Client:
-    """Starts and manages instances.  Connects lazily on the first call.
+class FiredInstance(str, InstanceHandle):
+    """What ``trigger_schedule`` returns: the id of the instance it started (a ``str``), which is
+    also that instance's :class:`InstanceHandle`."""
+
+    def __new__(cls, client: Client, instance_id: str) -> FiredInstance:
+        return str.__new__(cls, instance_id)
+
+    def __init__(self, client: Client, instance_id: str) -> None:
+        InstanceHandle.__init__(self, client, instance_id)
+
+
+class Client(ScheduleMethods):
+    """Starts and manages instances and schedules.  Connects lazily on the first call.
 
     ``Client(dsn)`` works alone; ``Runtime.client`` shares the runtime's pool.
     ``wake``: how :meth:`wait` learns that an instance finished: "listen" (a NOTIFY),
@@ -201,6 +213,9 @@ class Client:
     def get_handle(self, instance_id: str) -> InstanceHandle:
         """A handle for an existing instance id."""
         return InstanceHandle(self, check_id(instance_id))
+
+    def _fired(self, instance_id: str) -> FiredInstance:
+        return FiredInstance(self, instance_id)
 
     # -- querying ---------------------------------------------------------------------
     async def status(self, instance_id: str) -> InstanceState:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .._base import events as ev
-from .._base.errors import SerializationError
+from .._base.errors import InvalidArgument, SerializationError
 from .._base.names import check_id, name_of
 from .._base.types import RetryPolicy
 from .tasks import ActivityTask, AllTask, AnyTask, ChildTask, EventTask, FiberTask, Task, TimerTask
@@ -81,12 +81,24 @@ class OrchestrationContext:
         return self._engine.replaying
 
     # -- durable tasks --------------------------------------------------------
-    def call_activity(self, activity: Any, input: Any = None, *, retry: RetryPolicy | None = None) -> Task[Any]:
-        """Run an activity (function or registered name) with one JSON input."""
+    def call_activity(
+        self, activity: Any, input: Any = None, *, retry: RetryPolicy | None = None, key: str | int | None = None,
+        priority: int = 0,
+    ) -> Task[Any]:
+        """Run an activity (function or registered name) with one JSON input.
+
+        ``key`` names what its queue's ``key_concurrency`` counts (a tenant, say);
+        ``priority``: among ready items of its queue, higher first (FIFO within one).  Both
+        are recorded in ``activity_scheduled``; an activity without a queue ignores them.
+        """
         name = name_of(activity, kind="activity")
         stored = self._engine.check_payload(input, f"input of activity {name!r}")
         retry_data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(retry).items()} if retry else None
-        return ActivityTask(self._engine, name, stored, retry_data)
+        if key is not None:
+            key = _key(key)
+        if priority.__class__ is not int or priority:  # the common call (no priority) checks nothing more
+            priority = _priority(priority)
+        return ActivityTask(self._engine, name, stored, retry_data, key, priority)
 
     def call_orchestration(self, orchestration: Any, input: Any = None, *, instance_id: str | None = None) -> Task[Any]:
         """Run a child orchestration and wait for its output."""
@@ -188,6 +200,18 @@ class OrchestrationContext:
     def continue_as_new(self, input: Any = None) -> NoReturn:
         """End this execution and start a fresh one (empty history) with ``input``."""
         raise ContinueAsNew(self._engine.check_payload(input, "continue_as_new input"))
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    return check_id(key, "activity key")
+
+
+def _priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+        raise InvalidArgument(f"priority must be a 32-bit integer, not {priority!r}")
+    return priority
 
 
 def _as_timedelta(value: timedelta | float) -> timedelta:

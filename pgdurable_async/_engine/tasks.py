@@ -95,16 +95,23 @@ class Task(Generic[T]):
 
 
 class ActivityTask(Task[T]):
-    __slots__ = ("name", "input", "retry")
+    __slots__ = ("name", "input", "retry", "key", "priority")
 
-    def __init__(self, engine: Execution, name: str, input: Any, retry: dict[str, Any] | None) -> None:
+    def __init__(
+        self, engine: Execution, name: str, input: Any, retry: dict[str, Any] | None, key: str | None = None,
+        priority: int = 0,
+    ) -> None:
         super().__init__(engine)
-        self.name, self.input, self.retry = name, input, retry
+        self.name, self.input, self.retry, self.key, self.priority = name, input, retry, key, priority
 
     def _on_start(self) -> None:
         data: dict[str, Any] = {"name": self.name, "input": self.input}
         if self.retry is not None:
             data["retry"] = self.retry
+        if self.key is not None:
+            data["key"] = self.key
+        if self.priority:
+            data["priority"] = self.priority
         self._engine.schedule(self, ev.ACTIVITY_SCHEDULED, data)
 
 

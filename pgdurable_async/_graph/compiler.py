@@ -9,7 +9,7 @@ both build a tree of JSON nodes, each an object with a ``"type"``::
     break {value}                  sleep {seconds}          wait_for_schedule {cron}
     wait_for_signal {name, timeout}                         http {url, method, body, headers, timeout}
     http_multipart {url, method, parts, headers, timeout}   call {name, input}
-    activity {name, input}         fan_out {over, step, limit, as}
+    activity {name, input, key?, priority?}                  fan_out {over, step, limit, as}
 
 Any node may also carry ``result_name`` (what ``df.as`` / ``|=>`` set, as in pg_durable):
 its result is bound under that name once it completes, like a ``bind`` around it.
@@ -279,6 +279,12 @@ def _check_fields(node: dict[str, Any], node_id: str) -> None:
                              node_id=node_id)
     elif kind in ("call", "activity"):
         _text(node, "name", node_id)
+        if kind == "activity" and node.get("key") is not None and not isinstance(node["key"], str):
+            raise GraphError("activity.key must be a string (or a $name reference)", node_id=node_id)
+        priority = node.get("priority")
+        if kind == "activity" and priority is not None and (isinstance(priority, bool)
+                                                            or not isinstance(priority, int)):
+            raise GraphError("activity.priority must be an integer", node_id=node_id)
     elif kind == "fan_out":
         _text(node, "over", node_id)
         if node.get("step") is None:

@@ -122,7 +122,11 @@ class LeafNodes:
         return await self.ctx.call_orchestration(node["name"], self._input(node.get("input")))
 
     async def _activity(self, node: dict[str, Any]) -> Any:
-        return await self.ctx.call_activity(node["name"], self._input(node.get("input")))
+        return await self.ctx.call_activity(node["name"], self._input(node.get("input")), **self._queueing(node))
+
+    def _queueing(self, node: dict[str, Any]) -> dict[str, Any]:
+        """An activity node's ``key`` (a reference resolves) and ``priority``, for its queue."""
+        return {"key": self._input(node.get("key")), "priority": int(node.get("priority") or 0)}
 
     def _input(self, value: Any) -> Any:
         """Resolve ``"$name"`` / ``"$name.column"`` strings (whole values only) in an input."""
@@ -158,7 +162,7 @@ class LeafNodes:
         async def one(index: int) -> Any:
             scope = self._item_copy({**self.bound, alias: items[index]})
             if step["type"] == "activity" and step.get("input") is None:
-                return await self.ctx.call_activity(step["name"], plain[index])
+                return await self.ctx.call_activity(step["name"], plain[index], **scope._queueing(step))
             return await scope.run(step)
 
         # The items share the step's node ids: the step records one state for all of them.

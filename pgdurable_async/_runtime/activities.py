@@ -22,8 +22,8 @@ from .._base import events as ev
 from .._base.definitions import ActivityContext, ActivityDef, TransactionContext
 from .._base.errors import Cancelled, DatabaseError, SerializationError
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps, encode
-from .._store import Connection, Database, work_store
-from .._store.records import Outcome, WorkItem
+from .._store import Connection, Database, queue_store, work_store
+from .._store.records import Outcome, QueueWake, WorkItem
 from .clock import Clock
 from .wakeup import Wakeup
 
@@ -48,7 +48,12 @@ class ActivityWorker:
         self.db = db
         self.clock = clock or Clock()
         self.app = app
-        self.names = sorted(app.activities)
+        self.names = sorted(n for n, d in app.activities.items() if d.queue is None)  # claim_work
+        self.queued_names = sorted(n for n, d in app.activities.items() if d.queue is not None)  # claim_queued
+        self.queues = sorted({d.queue for d in app.activities.values() if d.queue is not None})
+        self.queue_wake = QueueWake(False, None)  # what the last claim of limited queues said
+        # Queues whose slots a finished item frees (a rate window frees itself, by the clock).
+        self._slotted = {q.name for q in app.queues.values() if q.concurrency or q.key_concurrency}
         self.worker_id = worker_id
         self.max_concurrency = max_concurrency
         self.lease_seconds = lease_seconds
@@ -71,24 +76,42 @@ class ActivityWorker:
 
     # -- claiming ---------------------------------------------------------------
     async def claim(self) -> list[WorkItem]:
-        """Lease up to the free capacity of ready items (one statement)."""
+        """Lease up to the free capacity of ready items: limited queues first (their limits bound
+        them), then items without a queue, one statement each (``queue_wake`` then says when the
+        limited queues may give more)."""
         want = min(self.free, self.claim_batch)
-        if want <= 0 or not self.names:
-            return []
-        items = await self.db.run(
+        items: list[WorkItem] = []
+        if want > 0 and self.queued_names:
+            items, self.queue_wake = await self.db.run(
+                lambda conn: queue_store.claim_queued(
+                    conn, queues=self.queues, names=self.queued_names, limit=want, lease_seconds=self.lease_seconds,
+                    owner=self.worker_id,
+                ),
+                transaction=False,
+            )
+            self._taken(items)
+        rest = want - len(items)
+        if rest <= 0 or not self.names:
+            return items
+        plain = await self.db.run(
             lambda conn: work_store.claim_work(
-                conn, names=self.names, limit=want, lease_seconds=self.lease_seconds, owner=self.worker_id,
+                conn, names=self.names, limit=rest, lease_seconds=self.lease_seconds, owner=self.worker_id,
                 offset=self.clock.offset,
             ),
             transaction=False,
         )
+        self._taken(plain)
+        return items + plain
+
+    def _taken(self, items: list[WorkItem]) -> None:
         for item in items:
             self.inflight[item.id] = item
         self.running += len(items)
-        return items
 
     async def next_due(self) -> float | None:
-        """Seconds until the earliest queued item becomes visible (None: queue empty), by the database's clock."""
+        """Seconds until the earliest item without a queue becomes visible (None: none), by the database's clock."""
+        if not self.names:
+            return None
         due: float | None = await self.db.run(
             lambda conn: work_store.next_work_due(conn, names=self.names, offset=self.clock.offset),
             transaction=False,
@@ -148,6 +171,8 @@ class ActivityWorker:
                 raise _Unencodable(outcome)
             await work_store.set_search_path(conn, self.db.search_path)
             await work_store.ack_work(conn, [outcome])
+            if item.queue in self._slotted:  # a slot of its queue is free: claimers elsewhere look again
+                await queue_store.notify_work(conn, channel=self.db.channel("work"))
 
         try:
             await self.db.run(work, reset_session=True)
@@ -194,13 +219,17 @@ class ActivityWorker:
         acks = [o for o in batch if o.kind != "retry"]
         retries = [o for o in batch if o.kind == "retry"]
 
+        queued = any(o.item.queue in self._slotted for o in batch)
+
         async def write(conn: Connection) -> None:
             if acks:
                 await work_store.ack_work(conn, acks)
             if retries:
                 await work_store.retry_work(conn, retries, offset=self.clock.offset)
+            if queued:  # slots of limited queues are free: claimers elsewhere look again
+                await queue_store.notify_work(conn, channel=self.db.channel("work"))
 
-        try:  # one statement needs no explicit transaction (it is atomic on its own)
+        try:  # one statement needs no explicit transaction (it is atomic on its own; the NOTIFY may follow it)
             await self.db.run(write, retry_for=math.inf, transaction=bool(retries))
         except BaseException:
             self._outcomes[:0] = batch  # keep them for the next flush
@@ -226,8 +255,15 @@ class ActivityWorker:
 
     async def release(self, items: list[WorkItem]) -> None:
         """Give unfinished items back at once (graceful shutdown)."""
-        if items:
-            await self.db.run(lambda conn: work_store.release_leases(conn, items), transaction=False, retry_for=5)
+        if not items:
+            return
+
+        async def give_back(conn: Connection) -> None:
+            await work_store.release_leases(conn, items)
+            if any(i.queue in self._slotted for i in items):
+                await queue_store.notify_work(conn, channel=self.db.channel("work"))
+
+        await self.db.run(give_back, retry_for=5)
 
 
 class _Unencodable(Exception):

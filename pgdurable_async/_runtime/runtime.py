@@ -2,11 +2,11 @@
 
 ::
 
-    LISTEN session ──NOTIFY──▶ Wakeup ──▶ turn loops · activity dispatcher · timer loop
-                                             │ one transaction per turn batch / ack batch
+    LISTEN session ──NOTIFY──▶ Wakeup ──▶ turn loops · activity dispatcher · timer loop · schedule loop
+                                             │ one transaction per turn batch / ack batch / firing
 
 No loop polls in the steady state: each sleeps until a NOTIFY, a local event or
-the earliest known deadline (timer, retry backoff, lease expiry).  After every
+the earliest known deadline (timer, schedule, retry backoff, lease expiry, rate window).  After every
 (re)connection of the LISTEN session, and every ``sweep_interval`` seconds, all
 loops run once anyway, so a missed notification costs latency, never work.
 
@@ -35,7 +35,7 @@ from .._app import App
 from .._base.errors import ConfigurationError, DatabaseError
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES
 from .._client import Client
-from .._store import Connection, Database, worker_store
+from .._store import Connection, Database, queue_store, worker_store
 from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import migrate_connection, require_current
 from .._store.records import WorkItem
@@ -43,6 +43,7 @@ from .activities import ActivityWorker
 from .clock import Clock
 from .loops import StepsInFlight, deadline, guarded
 from .retention import Retention
+from .schedules import ScheduleLoop
 from .timers import TimerLoop
 from .turns import TurnProcessor
 from .wakeup import Wakeup
@@ -115,6 +116,7 @@ class Runtime:
         self._orch = Wakeup()
         self._work = Wakeup()
         self._timer = Wakeup()
+        self._schedule = Wakeup()
         self._steps = StepsInFlight()  # turn and timer transactions under way (stop lets them finish)
         self._stopping = anyio.Event()
         self._activities_drained = anyio.Event()
@@ -125,9 +127,12 @@ class Runtime:
             self.db.channel("orch"): lambda _payload: self._orch.set(),
             self.db.channel("work"): lambda _payload: self._work.set(),
             self.db.channel("timer"): lambda _payload: self._timer.set(),
+            self.db.channel("schedule"): lambda _payload: self._schedule.set(),
         })
         self._timers = TimerLoop(self.db, sorted(app.orchestrations), self._timer, on_fired=self._orch.set,
                                  steps=self._steps, clock=self.clock)
+        self.schedules = ScheduleLoop(self.db, sorted(app.orchestrations), self._schedule, on_fired=self._orch.set,
+                                      steps=self._steps)
         self._blocked_polls = 0
         self._df_expiry_due = 0.0  # monotonic time of the next retention pass over df instances
 
@@ -162,6 +167,7 @@ class Runtime:
         self._tg.start_soon(self._timers.run, self._stopping.is_set)
         if self.retention is not None:
             self._tg.start_soon(self.retention.run, self._stopping.is_set)
+        self._tg.start_soon(self.schedules.run, self._stopping.is_set)
         with anyio.move_on_after(10):
             await listener_ready.wait()
 
@@ -174,10 +180,17 @@ class Runtime:
             await self.db.run(lambda conn: migrate_connection(conn, self.db.schema), transaction=False)
         else:
             await self.db.run(lambda conn: require_current(conn, self.db.schema), transaction=False)
-        orchestrations, activities = sorted(self.app.orchestrations), sorted(self.app.activities)
+        orchestrations = sorted(self.app.orchestrations)
+        activities = {name: d.queue for name, d in sorted(self.app.activities.items())}
+        queues = [self.app.queues[name] for name in sorted(self.app.queues)]
+
+        async def register(conn: Connection) -> None:
+            if queues:  # before the names: an item enqueued under a queue finds its limits stored
+                await queue_store.upsert_queues(conn, queues)
+            await worker_store.register_names(conn, orchestrations=orchestrations, activities=activities)
+
         if orchestrations or activities:
-            await self.db.run(lambda conn: worker_store.register_names(
-                conn, orchestrations=orchestrations, activities=activities))
+            await self.db.run(register)
 
     async def serve(self) -> None:
         """Run until cancelled (or :meth:`stop` is called), then drain."""
@@ -232,6 +245,7 @@ class Runtime:
         self._orch.set()
         self._work.set()
         self._timer.set()
+        self._schedule.set()
 
     @property
     def reconnects(self) -> int:
@@ -348,13 +362,16 @@ class Runtime:
             return [], 0.0  # try again (after the back-off)
         if len(claimed) >= wanted:
             return claimed, 0.0  # a full batch: there may be more
+        # Limited queues that gave less than asked: a rate window slides or a backoff ends at
+        # wake_in; a lease ends with an ack, whose NOTIFY wakes us.
+        limited = max(0.0, worker.queue_wake.wake_in) if worker.queue_wake.wake_in is not None else None
         if due is not None and due <= 0:
             # Rows are due but were not ours to claim: another worker is claiming them, or a
             # long transactional activity holds them. Look again, backing off while it lasts.
             self._blocked_polls += 1
-            return claimed, min(0.05 * 2**self._blocked_polls, max(self.lease_seconds, 5.0))
+            return claimed, _sooner(min(0.05 * 2**self._blocked_polls, max(self.lease_seconds, 5.0)), limited)
         self._blocked_polls = 0
-        return claimed, due
+        return claimed, _sooner(due, limited)
 
     async def _ack_loop(self) -> None:
         worker = self.activities
@@ -377,3 +394,8 @@ class Runtime:
         while True:
             await anyio.sleep(self.lease_seconds / 3)
             await guarded("lease extension", self.activities.extend_leases)
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional deadlines (None: no deadline)."""
+    return b if a is None else a if b is None else min(a, b)

@@ -47,6 +47,7 @@ from .clock import Clock
 log = logging.getLogger("pgdurable_async.turns")
 
 _QUARANTINE_SECONDS = 60
+_REMOTE = "\x00remote"  # an activity this app does not register: its queue comes from the registry
 
 
 def _transient(exc: BaseException) -> bool:
@@ -105,6 +106,7 @@ class TurnProcessor:
         self.max_payload_bytes = max_payload_bytes
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._known: dict[str, set[str]] = {"activity": set(app.activities), "orchestration": set(app.orchestrations)}
+        self._queue_of = {n: d.queue for n, d in app.activities.items()}  # registered here: its queue (or None)
         self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
         self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
 
@@ -360,14 +362,21 @@ class TurnProcessor:
         execution.custom_status_changed = False
         w.values.extend(values.values())
 
-    @staticmethod
-    def _command(row: InstanceRow, kind: str, data: dict[str, Any], w: _Writes, *, reissue: bool = False) -> None:
+    def _command(self, row: InstanceRow, kind: str, data: dict[str, Any], w: _Writes, *,
+                 reissue: bool = False) -> None:
         """The work item, timer or child a recorded command stands for."""
         instance_id, execution_id, name = row.instance_id, row.execution_id, row.name
         if kind == ev.ACTIVITY_SCHEDULED:
-            retry = data.get("retry")
-            w.work.append(WorkWrite(instance_id, execution_id, data["task_id"], name, data["name"],
-                                    dumps(data.get("input")), None if retry is None else dumps(retry)))
+            retry = None if data.get("retry") is None else dumps(data["retry"])
+            activity_name = data["name"]
+            queue = self._queue_of.get(activity_name, _REMOTE)
+            if queue is None and "key" not in data and "priority" not in data:  # the plain fast path
+                w.work.append(WorkWrite(instance_id, execution_id, data["task_id"], name, activity_name,
+                                        dumps(data.get("input")), retry))
+            else:
+                w.work.append(WorkWrite(instance_id, execution_id, data["task_id"], name, activity_name,
+                                        dumps(data.get("input")), retry, None if queue is _REMOTE else queue,
+                                        queue is not _REMOTE, data.get("key"), data.get("priority", 0)))
         elif kind == ev.TIMER_CREATED:
             fire_at = datetime.fromisoformat(data["fire_at"])
             w.timers.append(TimerWrite(instance_id, execution_id, data["task_id"], name, fire_at))

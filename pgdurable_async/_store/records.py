@@ -57,6 +57,7 @@ class WorkItem:
     retry: RetryPolicy | None
     attempt: int
     lease_token: uuid.UUID
+    queue: str | None = None  # claimed under this queue's limits
 
     @property
     def activity_id(self) -> str:
@@ -81,6 +82,15 @@ class WorkWrite(NamedTuple):
     name: str
     input: str
     retry: str | None
+    queue: str | None = None
+    local: bool = True  # the enqueuing app registers the activity (else its queue comes from the registry)
+    key: str | None = None
+    priority: int = 0
+
+    @property
+    def plain(self) -> bool:
+        """No queue, key or priority to write, and the queue is known (the fan-out fast path)."""
+        return self.queue is None and self.local and self.key is None and not self.priority
 
 
 class TimerWrite(NamedTuple):
@@ -135,6 +145,29 @@ class InstanceUpdate(NamedTuple):
     history_len: int
     input: str | None
     event_waits: str | None = None
+
+
+class QueueWake(NamedTuple):
+    """What a claim of limited queues says beyond its items: when they may give more."""
+
+    short: bool  # fewer items than asked
+    wake_in: float | None  # seconds, by the clock (None: when an item of theirs finishes)
+
+
+class DueSchedule(NamedTuple):
+    """A due schedule, locked for one firing transaction."""
+
+    schedule_id: str
+    orchestration: str
+    input_json: str
+    cron: str | None
+    every: timedelta | None
+    timezone: str
+    overlap: str
+    catchup: str
+    next_fire_at: datetime
+    previous_running: bool
+    db_now: datetime
 
 
 class Outcome(NamedTuple):

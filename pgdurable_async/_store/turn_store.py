@@ -86,7 +86,11 @@ async def append_history(conn: Connection, rows: list[HistoryWrite]) -> None:
 
 
 async def enqueue_work(conn: Connection, rows: list[WorkWrite]) -> None:
-    await conn.execute(q("enqueue_work"), *columns(rows, 7))
+    """Insert work items; items with a queue, key or priority take the wider statement."""
+    if all(row.plain for row in rows):
+        await conn.execute(q("enqueue_work"), *columns(rows, 11)[:7])
+    else:
+        await conn.execute(q("enqueue_work_flow"), *columns(rows, 11))
 
 
 async def create_timers(conn: Connection, rows: list[TimerWrite]) -> None:

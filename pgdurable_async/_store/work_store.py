@@ -17,11 +17,12 @@ async def claim_work(
     conn: Connection, *, names: Sequence[str], limit: int, lease_seconds: float, owner: str,
     offset: timedelta = NO_OFFSET,
 ) -> list[WorkItem]:
-    """Lease up to ``limit`` visible items of the activities ``names``, oldest first (one statement)."""
+    """Lease up to ``limit`` visible items without a queue of the activities ``names`` (one statement),
+    highest priority first, oldest first within one."""
     rows = await conn.fetch(q("claim_work"), list(names), limit, lease_seconds, owner, offset)
     return [
         WorkItem(r["id"], r["instance_id"], r["execution_id"], r["task_id"], r["name"], r["input"],
-                 _policy(r["retry"]) if r["retry"] else None, r["attempt"], r["lease_token"])
+                 policy(r["retry"]) if r["retry"] else None, r["attempt"], r["lease_token"])
         for r in rows
     ]
 
@@ -82,7 +83,8 @@ async def set_search_path(conn: Connection, search_path: str) -> None:
     await conn.execute(q("set_search_path"), search_path)
 
 
-def _policy(data: dict[str, Any]) -> RetryPolicy:
+def policy(data: dict[str, Any]) -> RetryPolicy:
+    """A work item's stored retry policy."""
     return RetryPolicy(
         max_attempts=int(data.get("max_attempts", 3)),
         initial_interval=float(data.get("initial_interval", 1.0)),

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .database import Connection
 from .sql_loader import q
 
 
-async def register_names(conn: Connection, *, orchestrations: Sequence[str], activities: Sequence[str]) -> None:
-    """Record the names this app serves, so clients can refuse names nobody runs."""
+async def register_names(
+    conn: Connection, *, orchestrations: Sequence[str], activities: Mapping[str, str | None]
+) -> None:
+    """Record the names this app serves (activities with their queue), so clients can refuse names nobody runs."""
     kinds = ["orchestration"] * len(orchestrations) + ["activity"] * len(activities)
-    await conn.execute(q("register_names"), kinds, [*orchestrations, *activities])
+    queues = [None] * len(orchestrations) + list(activities.values())
+    await conn.execute(q("register_names"), kinds, [*orchestrations, *activities], queues)
 
 
 async def register_worker(conn: Connection, *, worker_id: str) -> None:

@@ -37,3 +37,8 @@ async def approval(ctx: pgd.OrchestrationContext, _: Any) -> dict[str, Any]:
 @app.orchestration
 async def slow_one(ctx: pgd.OrchestrationContext, seconds: float) -> float:
     return float(await ctx.call_activity(slow, seconds))
+
+
+@app.activity(queue=pgd.Queue("cli-queue", concurrency=2, rate_limit=pgd.RateLimit(5, per=1), key_concurrency=1))
+async def queued(ctx: pgd.ActivityContext, n: int) -> int:
+    return n

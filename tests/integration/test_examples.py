@@ -28,6 +28,7 @@ async def test_embedding_pipeline(dsn: str) -> None:
     assert result["docs"] == 6 and result["marked"] == 6
     assert result["chunks"] == result["embedded"] == result["keys"] == 18
     assert result["failures"] > 0  # transient API failures were retried to success
+    assert result["peak"] <= 4 and result["peak_per_tenant"] <= 2  # the queue held the API's limits
 
 
 async def test_outbox(dsn: str) -> None:
@@ -35,12 +36,14 @@ async def test_outbox(dsn: str) -> None:
     assert result["result"] == {"drained": True}
     assert result["delivered"] == 110 and result["broker"] == 110
     assert result["groups"] == 5  # 25 + 25 + 25 + 25 + 10, each checkpointed
+    assert result["instance_id"].startswith("outbox-drain@")  # a firing of its schedule
 
 
 async def test_maintenance_approved(dsn: str) -> None:
     result = await load_example("maintenance").run(dsn, out=io.StringIO())
     assert result["status"] == "completed"
     assert result["log"] == [{"action": "analyzed 1 table(s)", "tables": ["events_archive"], "approved_by": "alice"}]
+    assert result["instance_id"].startswith("maintenance-window@")  # a firing of its schedule
 
 
 async def test_maintenance_approval_times_out(dsn: str) -> None:

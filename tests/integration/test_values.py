@@ -51,8 +51,11 @@ async def test_values_are_recorded_readable_and_outlive_the_instance(dsn: str) -
     async with pgd.Runtime(app, dsn, cache_size=1) as runtime:  # tiny cache: turns replay often
         client = runtime.client
         handle = await client.start(agent, 3, instance_id="a1")
-        await client.start(agent, 1, instance_id="a2")  # evicts a1 from the cache between its turns
         assert await client.wait_value("a1", "plan", timeout=20) == {"steps": 3, "done": True}
+        # a2's turns come after a1's last one, so they evict a1: its next turn must replay.
+        await client.start(agent, 1, instance_id="a2")
+        assert await client.wait_value("a2", "plan", timeout=20) == {"steps": 1, "done": True}
+        replays_before = runtime.turns.stats["replays"]
         assert await client.get_value("a1", "progress") == 3
         assert await handle.get_value("answer", "unset") == "unset"
         assert await client.get_value("a1", "answer") is None
@@ -68,7 +71,7 @@ async def test_values_are_recorded_readable_and_outlive_the_instance(dsn: str) -
             {"key": "answer", "value": "forty-two"},
             {"key": "nothing", "value": None},
         ]
-        assert runtime.turns.stats["replays"] > 0
+        assert runtime.turns.stats["replays"] > replays_before
     async with pgd.Client(dsn) as client:  # a finished instance's values stay readable
         assert await client.get_value("a1", "progress") == 3
         assert await client.wait_value("a1", "answer", timeout=5) == "forty-two"

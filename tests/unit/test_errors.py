@@ -30,6 +30,8 @@ SAMPLES: list[tuple[BaseException, dict[str, Any]]] = [
     (pgd.UnknownNameError("nobody", kind="activity", name="embed"), {"kind": "activity", "name": "embed"}),
     (pgd.InstanceNotFound("batch-7"), {"instance_id": "batch-7"}),
     (pgd.InstanceAlreadyExists("batch-7"), {"instance_id": "batch-7"}),
+    (pgd.ScheduleNotFound("nightly"), {"schedule_id": "nightly"}),
+    (pgd.ScheduleAlreadyExists("nightly"), {"schedule_id": "nightly"}),
     (
         pgd.InstanceFailed("batch-7", {"type": "ValueError", "message": "bad", "traceback": "tb"}),
         {"instance_id": "batch-7", "error": {"type": "ValueError", "message": "bad", "traceback": "tb"}},

@@ -63,6 +63,19 @@ SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[],
                      $6::text[]::jsonb[], $7::text[]::jsonb[])
 ON CONFLICT (instance_id, execution_id, task_id) DO NOTHING;
 
+-- name: enqueue_work_flow
+-- enqueue_work with each item's queue, key and priority.  An activity the enqueuing app does not
+-- register ($9 false) runs under the queue its registering app recorded in the registry.
+INSERT INTO work_queue (instance_id, execution_id, task_id, orchestration, name, input, retry, queue, key, priority)
+SELECT w.instance_id, w.execution_id, w.task_id, w.orchestration, w.name, w.input::jsonb, w.retry::jsonb,
+       CASE WHEN w.local THEN w.queue
+            ELSE (SELECT r.queue FROM registry r WHERE r.kind = 'activity' AND r.name = w.name) END,
+       w.key, w.priority
+FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+            $9::bool[], $10::text[], $11::int[])
+     AS w(instance_id, execution_id, task_id, orchestration, name, input, retry, queue, local, key, priority)
+ON CONFLICT (instance_id, execution_id, task_id) DO NOTHING;
+
 -- name: create_timers
 INSERT INTO timers (instance_id, execution_id, task_id, orchestration, fire_at)
 SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[])
@@ -109,12 +122,15 @@ WITH work AS (DELETE FROM work_queue WHERE instance_id = ANY($1::text[]))
 DELETE FROM timers WHERE instance_id = ANY($1::text[]);
 
 -- name: claim_work
--- Oldest visible items first, per activity name, along the (name, id) index.
+-- Oldest visible items without a queue first, per activity name, along the (name, id) index.
+-- (Queues, and with them priorities: claim_queued.)  num_nulls(queue) = 1 is "queue IS NULL"
+-- costed like the visible_at test, so the planner checks it after that one: most rows the scan
+-- passes are leased, and a leased row is then rejected before its later columns are read.
 WITH picked AS (
     SELECT w.id FROM unnest($1::text[]) AS n(name)
     CROSS JOIN LATERAL (
         SELECT id FROM work_queue
-        WHERE name = n.name AND visible_at <= now() + $5::interval
+        WHERE name = n.name AND visible_at <= now() + $5::interval AND num_nulls(queue) = 1
         ORDER BY id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
@@ -131,9 +147,41 @@ RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.ret
           w.attempt, w.lease_token;
 
 -- name: next_work_due
--- Seconds until the earliest item becomes visible, by the database's clock.
+-- Seconds until the earliest item without a queue becomes visible, by the database's clock.
 SELECT extract(epoch FROM min(visible_at) - (now() + $2::interval))::float8 FROM work_queue
-WHERE name = ANY($1::text[]);
+WHERE name = ANY($1::text[]) AND queue IS NULL;
+
+-- name: claim_queued
+-- Lease items of limited queues within their limits (schema function claim_queued); a row
+-- with a NULL id carries the wake-up hint when the claim was short.
+SELECT * FROM claim_queued($1::text[], $2::text[], $3, $4, $5);
+
+-- name: notify_work
+-- Queued items finished or went back: claimers waiting on those queues' limits look again.
+SELECT pg_notify($1, '');
+
+-- name: upsert_queues
+-- A runtime's queues and their limits (the last runtime to start with a queue sets its limits).
+INSERT INTO queues (name, concurrency, rate_limit, rate_per, key_concurrency)
+SELECT u.name, u.concurrency, u.rate_limit, make_interval(secs => u.rate_per), u.key_concurrency
+FROM unnest($1::text[], $2::int[], $3::int[], $4::float8[], $5::int[])
+     AS u(name, concurrency, rate_limit, rate_per, key_concurrency)
+ON CONFLICT (name) DO UPDATE
+SET concurrency = excluded.concurrency, rate_limit = excluded.rate_limit, rate_per = excluded.rate_per,
+    key_concurrency = excluded.key_concurrency, updated_at = now()
+WHERE (queues.concurrency, queues.rate_limit, queues.rate_per, queues.key_concurrency)
+      IS DISTINCT FROM (excluded.concurrency, excluded.rate_limit, excluded.rate_per, excluded.key_concurrency);
+
+-- name: queue_depths
+-- Per queue: its limits, and its items ready (visible, or with an expired lease), running
+-- (leased) and delayed (waiting out a retry backoff), by the database's clock.
+SELECT q.name, q.concurrency, q.rate_limit, extract(epoch FROM q.rate_per)::float8 AS rate_per, q.key_concurrency,
+       count(w.id) FILTER (WHERE w.visible_at <= now()) AS ready,
+       count(w.id) FILTER (WHERE w.visible_at > now() AND w.lease_token IS NOT NULL) AS running,
+       count(w.id) FILTER (WHERE w.visible_at > now() AND w.lease_token IS NULL) AS delayed
+FROM queues q LEFT JOIN work_queue w ON w.queue = q.name
+GROUP BY q.name
+ORDER BY q.name;
 
 -- name: extend_leases
 UPDATE work_queue SET visible_at = now() + $3::interval + make_interval(secs => $2)
@@ -158,13 +206,14 @@ UPDATE work_queue w
 SET attempt = w.attempt + 1,
     visible_at = now() + $4::interval + make_interval(secs => r.delay),
     lease_token = NULL,
-    lease_owner = NULL
+    lease_owner = NULL,
+    lease_queue = NULL
 FROM unnest($1::bigint[], $2::uuid[], $3::float8[]) AS r(id, token, delay)
 WHERE w.id = r.id AND w.lease_token = r.token;
 
 -- name: release_leases
 UPDATE work_queue w
-SET visible_at = now(), lease_token = NULL, lease_owner = NULL
+SET visible_at = now(), lease_token = NULL, lease_owner = NULL, lease_queue = NULL
 FROM unnest($1::bigint[], $2::uuid[]) AS r(id, token)
 WHERE w.id = r.id AND w.lease_token = r.token;
 
@@ -223,9 +272,10 @@ SELECT extract(epoch FROM min(fire_at) - (now() + $2::interval))::float8 FROM ti
 WHERE orchestration = ANY($1::text[]);
 
 -- name: register_names
-INSERT INTO registry (kind, name)
-SELECT * FROM unnest($1::text[], $2::text[])
-ON CONFLICT (kind, name) DO UPDATE SET last_seen = now();
+-- The names an app serves; an activity also records its queue (NULL: none).
+INSERT INTO registry (kind, name, queue)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT (kind, name) DO UPDATE SET last_seen = now(), queue = excluded.queue;
 
 -- name: known_names
 SELECT name FROM registry WHERE kind = $1 AND name = ANY($2::text[]);
@@ -292,6 +342,75 @@ FROM (SELECT btrim(coalesce(current_setting('pg_durable.reconcile_interval', tru
 -- name: df_expire
 -- One batch of finished df instances past pg_durable's retention window or cap (10,000).
 SELECT df._expire($1, 10000, $2);
+-- name: db_now
+SELECT now();
+
+-- name: api_create_schedule
+-- The SECURITY DEFINER client API of schedules (schema 0011): unique_violation for a taken id,
+-- no_data_found for an unknown one.
+SELECT create_schedule($1, $2, $3::text::jsonb, $4, $5::interval, $6, $7, $8, $9);
+
+-- name: api_set_schedule_paused
+SELECT set_schedule_paused($1, $2, $3);
+
+-- name: api_delete_schedule
+SELECT delete_schedule($1);
+
+-- name: api_trigger_schedule
+SELECT trigger_schedule($1);
+
+-- name: get_schedule
+SELECT schedule_id, orchestration, input, cron, every, timezone, overlap, catchup, paused, next_fire_at,
+       last_instance_id
+FROM schedules WHERE schedule_id = $1;
+
+-- name: list_schedules
+SELECT schedule_id, orchestration, input, cron, every, timezone, overlap, catchup, paused, next_fire_at,
+       last_instance_id
+FROM schedules ORDER BY schedule_id;
+
+-- name: claim_due_schedules
+-- Lock up to $2 due, unpaused schedules of these orchestrations ($3/$4: ids set aside until a
+-- time), with whether their last firing's instance still runs, and the database's clock.
+SELECT s.schedule_id, s.orchestration, s.input::text AS input_json, s.cron, s.every, s.timezone, s.overlap,
+       s.catchup, s.next_fire_at, coalesce(NOT is_finished(i.status), false) AS previous_running, now() AS db_now
+FROM schedules s LEFT JOIN instances i ON i.instance_id = s.last_instance_id
+WHERE NOT s.paused AND s.next_fire_at <= now() AND s.orchestration = ANY($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM unnest($3::text[], $4::timestamptz[]) AS d(schedule_id, until)
+                  WHERE d.schedule_id = s.schedule_id AND now() < d.until)
+ORDER BY s.next_fire_at
+LIMIT $2
+FOR UPDATE OF s SKIP LOCKED;
+
+-- name: start_firings
+-- One instance per fire time, named by schedule_instance_id (a taken id is skipped).
+SELECT create_instances(
+    ARRAY(SELECT schedule_instance_id($1, f.fire_at) FROM unnest($2::timestamptz[]) WITH ORDINALITY AS f(fire_at, n)
+          ORDER BY f.n),
+    array_fill($3::text, ARRAY[cardinality($2::timestamptz[])]),
+    array_fill($4::text::jsonb, ARRAY[cardinality($2::timestamptz[])]),
+    array_fill(NULL::text, ARRAY[cardinality($2::timestamptz[])]),
+    array_fill(NULL::integer, ARRAY[cardinality($2::timestamptz[])]),
+    array_fill(NULL::integer, ARRAY[cardinality($2::timestamptz[])])) AS instance_id;
+
+-- name: advance_schedule
+-- After a pass over a locked schedule: its next fire time, and its last firing ($3, if any).
+UPDATE schedules
+SET next_fire_at = $2, updated_at = now(),
+    last_instance_id = CASE WHEN $3::timestamptz IS NULL THEN last_instance_id
+                            ELSE schedule_instance_id(schedule_id, $3::timestamptz) END
+WHERE schedule_id = $1;
+
+-- name: next_schedule_due
+-- Seconds until the earliest schedule of these orchestrations is due, or a set-aside one is
+-- looked at again, by the database's clock (the one claim_due_schedules uses).
+SELECT extract(epoch FROM least(
+    (SELECT min(s.next_fire_at) FROM schedules s
+     WHERE NOT s.paused AND s.orchestration = ANY($1::text[])
+       AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::timestamptz[]) AS d(schedule_id, until)
+                       WHERE d.schedule_id = s.schedule_id AND now() < d.until)),
+    (SELECT min(d.until) FROM unnest($2::text[], $3::timestamptz[]) AS d(schedule_id, until))
+) - now())::float8;
 
 -- name: get_instance
 SELECT instance_id, name, status, input, output, error, custom_status, created_at,
