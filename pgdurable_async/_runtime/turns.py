@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import anyio
+
 from .._app import App
 from .._base import events as ev
 from .._base.errors import DatabaseError
@@ -109,6 +111,9 @@ class TurnProcessor:
         self._queue_of = {n: d.queue for n, d in app.activities.items()}  # registered here: its queue (or None)
         self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
         self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
+        # Instances whose turn runs in this process: another turn loop that claims one right after
+        # the commit waits for its execution to be back in the cache instead of replaying it.
+        self._in_turn: dict[str, anyio.Event] = {}
 
     async def run_batch(self) -> int:
         """Claim and run one batch of turns; returns how many instances advanced.
@@ -132,10 +137,19 @@ class TurnProcessor:
         try:
             count = await self.db.run(functools.partial(self._batch, only=only, runs=runs))
         except BaseException:
+            self._release(runs)
             self._discard(runs)
             raise
         self._remember(runs)
+        self._release(runs)
         return count
+
+    def _release(self, runs: dict[str, Execution]) -> None:
+        """Let a turn loop waiting for these instances go on (they are cached or forgotten now)."""
+        for instance_id in runs:
+            done = self._in_turn.pop(instance_id, None)
+            if done is not None:
+                done.set()
 
     async def _one_by_one(self) -> int:
         ids = await self.db.run(self._claimable, transaction=False)
@@ -198,6 +212,7 @@ class TurnProcessor:
 
     # -- one batch -------------------------------------------------------------
     async def _batch(self, conn: Connection, only: str | None, runs: dict[str, Execution]) -> int:
+        self._release(runs)
         self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
         if only is None:
             rows = await self._claim(conn)
@@ -244,6 +259,10 @@ class TurnProcessor:
         """Executions for ``rows``: from the cache when current, else by replaying history."""
         cold: list[InstanceRow] = []
         for row in rows:
+            busy = self._in_turn.get(row.instance_id)
+            if busy is not None:  # its previous turn just committed in another loop: let it cache
+                await busy.wait()
+            self._in_turn[row.instance_id] = anyio.Event()
             # Taken out of the cache for the turn: put back only after the commit.
             cached = self._cache.pop(row.instance_id, None)
             if (
