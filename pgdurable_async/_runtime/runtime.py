@@ -49,6 +49,7 @@ from .turns import TurnProcessor
 from .wakeup import Wakeup
 
 log = logging.getLogger("pgdurable_async.runtime")
+_HELD_RECHECK = 1.0  # seconds: a turn loop looks again at messages another worker's turn held
 
 
 class Runtime:
@@ -314,17 +315,19 @@ class Runtime:
     async def _turn_loop(self) -> None:
         while not self.stopping:
             seen = self._orch.generation
-            progressed = 0
+            progressed, held = 0, False
 
             async def step() -> None:
-                nonlocal progressed
+                nonlocal progressed, held
                 with self._steps:
-                    progressed = await self.turns.run_batch()
+                    progressed, held = await self.turns.run_batch()
 
             if not await guarded("turn", step) or progressed:
                 self._work.set()  # new timers wake the timer loop through their own NOTIFY
                 continue
-            await self._orch.wait(seen)
+            # Messages held by another worker's turn: if that worker dies, its locks go with its
+            # session and no NOTIFY says so, so look again after a moment (not only at the sweep).
+            await self._orch.wait(seen, _HELD_RECHECK if held else None)
 
     async def _activity_loop(self) -> None:
         worker = self.activities

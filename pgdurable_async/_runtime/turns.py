@@ -21,7 +21,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -61,6 +61,13 @@ _FINAL_STATUS = {
     ev.ORCHESTRATION_FAILED: "failed",
     ev.ORCHESTRATION_CANCELLED: "cancelled",
 }
+
+
+class Batch(NamedTuple):
+    """What one :meth:`TurnProcessor.run_batch` did."""
+
+    advanced: int  # instances advanced (0: nothing claimed)
+    held: bool  # nothing claimed, yet messages wait: another turn holds their instances
 
 
 @dataclass
@@ -109,27 +116,36 @@ class TurnProcessor:
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._known: dict[str, set[str]] = {"activity": set(app.activities), "orchestration": set(app.orchestrations)}
         self._queue_of = {n: d.queue for n, d in app.activities.items()}  # registered here: its queue (or None)
-        self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
+        # "held": claims that locked nothing while messages waited (another turn holds them).
+        self.stats = {"turns": 0, "replays": 0, "cache_hits": 0, "held": 0}
         self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
         # Instances whose turn runs in this process: another turn loop that claims one right after
         # the commit waits for its execution to be back in the cache instead of replaying it.
         self._in_turn: dict[str, anyio.Event] = {}
 
-    async def run_batch(self) -> int:
-        """Claim and run one batch of turns; returns how many instances advanced.
+    async def run_batch(self) -> Batch:
+        """Claim and run one batch of turns: how many instances advanced, and whether none could
+        be claimed while messages waited (another worker's turn holds them, and may die holding
+        them: no NOTIFY says so, so the caller looks again soon).
 
         If the batch cannot be written, its instances are retried one by one, so
         one bad instance fails alone instead of stalling the others.
         """
         if not self.names:
-            return 0
+            return Batch(0, False)
         try:
-            return await self._committed(None)
+            advanced = await self._committed(None)
         except Exception as exc:  # noqa: BLE001 - isolate whatever broke the batch
             if _transient(exc):
                 raise
             log.warning("a turn batch failed (%s); retrying its instances one by one", exc)
-            return await self._one_by_one()
+            return Batch(await self._one_by_one(), False)
+        if advanced:
+            return Batch(advanced, False)
+        held = await self.db.run(functools.partial(turn_store.messages_waiting, names=self.names,
+                                                   excluded=self._excluded()), transaction=False)
+        self.stats["held"] += held
+        return Batch(0, held)
 
     async def _committed(self, only: str | None) -> int:
         """Run one batch transaction; cache its executions only once it has committed."""

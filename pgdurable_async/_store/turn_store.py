@@ -40,6 +40,11 @@ async def claim_instances(
     return [InstanceRow(*r) for r in rows]
 
 
+async def messages_waiting(conn: Connection, *, names: Sequence[str], excluded: Sequence[str] = ()) -> bool:
+    """Whether messages of ``names`` wait in the queue (outside ``excluded``), locked or not."""
+    return bool(await conn.fetchval(q("messages_waiting"), list(names), list(excluded)))
+
+
 async def lock_instance(conn: Connection, *, instance_id: str, offset: timedelta = NO_OFFSET) -> InstanceRow | None:
     """Lock one instance row (waiting for a turn that holds it); None if there is none."""
     row = await conn.fetchrow(q("lock_instance"), instance_id, offset)

@@ -33,6 +33,12 @@ WHERE i.instance_id IN (
 FOR UPDATE OF i SKIP LOCKED
 LIMIT $2;
 
+-- name: messages_waiting
+-- After a claim that locked nothing: do messages of these orchestrations wait anyway (their
+-- instances locked by another worker's turn, which may have died holding them)?
+SELECT EXISTS (SELECT 1 FROM orchestrator_queue
+               WHERE orchestration = ANY($1::text[]) AND NOT (instance_id = ANY($2::text[])));
+
 -- name: fetch_messages
 SELECT id, instance_id, execution_id, kind, payload
 FROM orchestrator_queue
