@@ -17,7 +17,7 @@ from .._client import Client
 from .._graph.compiler import children
 from .._graph.mermaid import graph_for, node_label, node_states
 from .._store import dashboard_store as store
-from .._store import instance_store
+from .._store import instance_store, queue_store
 from . import _charts, _timeline
 
 THROUGHPUT_MINUTES = 15
@@ -31,9 +31,11 @@ _SERIES = ("activity_completed", "activity_failed", "orchestration_started", "or
 async def overview(client: Client) -> dict[str, Any]:
     """Counts per status, queues, throughput per minute and recent failures."""
     async def read(conn: Any) -> dict[str, Any]:
+        queues = await store.queues(conn)  # None for a client role
         return {
             "counts": await store.status_counts(conn),
-            "queues": await store.queues(conn),  # None for a client role
+            "queues": queues,
+            "flow_queues": await queue_store.queue_depths(conn) if queues is not None else None,
             "throughput": await store.throughput(conn, minutes=THROUGHPUT_MINUTES),
             "failures": await store.recent_failures(conn, limit=10),
             "now": await store.now(conn),

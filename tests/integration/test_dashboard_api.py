@@ -189,3 +189,24 @@ async def test_a_client_role_sees_instances_but_not_queues(roles: tuple[str, str
             assert (await http.get("/instances/r1")).status_code == 200
         async with web(worker_dsn) as http:
             assert 'data-queue="timers"' in (await http.get("/")).text
+
+
+async def test_the_overview_lists_flow_queues_with_their_limits(dsn: str) -> None:
+    flow = pgd.App()
+    limited = pgd.Queue("dash-q", concurrency=3, rate_limit=pgd.RateLimit(5, per=2), key_concurrency=1)
+
+    @flow.activity(queue=limited)
+    async def call_api(ctx: pgd.ActivityContext, n: int) -> int:
+        return n
+
+    @flow.orchestration
+    async def calls(ctx: pgd.OrchestrationContext, n: int) -> int:
+        return await ctx.call_activity(call_api, n, key="tenant-a")
+
+    async with pgd.Runtime(flow, dsn) as runtime:  # upserts its queues at start
+        assert await (await runtime.client.start(calls, 7)).result(timeout=20) == 7
+    async with web(dsn) as http:
+        page = (await http.get("/")).text
+    row = page.split('data-flow-queue="dash-q">', 1)[1].split("</tr>", 1)[0]
+    cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
+    assert cells == ["dash-q", "3", "5 per 2.0 s", "1", "0", "0", "0"]
