@@ -10,6 +10,7 @@ only while OpenTelemetry has a tracer provider (see ``_base/tracing.py``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -46,7 +47,7 @@ class Observer:
     def __init__(self, db: Database, *, metrics: bool = False) -> None:
         self.db = db
         self.metrics = metrics
-        self._planned: dict[str, _Turn] = {}
+        self._planned: dict[str, _Turn] = {}  # by instance id (locked by one batch at a time)
         self._running: dict[int, float] = {}  # work item id -> time.time() its attempt started
         self._traces: OrderedDict[str, tracing.Carrier | None] = OrderedDict()  # instance id -> carrier
         self._reported: datetime | None = None
@@ -55,13 +56,13 @@ class Observer:
 
     # -- turns ---------------------------------------------------------------------
     def turns_planned(self, rows: Iterable[InstanceRow], updates: Sequence[InstanceUpdate]) -> None:
-        """A batch of turns is about to be written (it may still roll back)."""
+        """A batch of turns is about to be written (it may still roll back: a retry plans again)."""
         by_id = {u.instance_id: u for u in updates}
-        self._planned = {
-            r.instance_id: _Turn(r.instance_id, r.name, r.history_len == 0 and r.execution_id == 1,
-                                 by_id.get(r.instance_id))
+        self._planned.update(
+            (r.instance_id, _Turn(r.instance_id, r.name, r.history_len == 0 and r.execution_id == 1,
+                                  by_id.get(r.instance_id)))
             for r in rows
-        }
+        )
 
     def replayed(self) -> None:
         """An instance's history was replayed in full (it was not cached)."""
@@ -69,11 +70,9 @@ class Observer:
             m.REPLAYS.inc()
 
     async def turns_committed(self, committed: Iterable[str], began_ns: int) -> None:
-        """The batch planned last committed; ``committed``: the ids it advanced (a batch that
-        was retried planned again, so a plan of an attempt that rolled back is never reported)."""
+        """A batch committed; ``committed``: the ids of its instances (whose last plan it wrote)."""
         end_ns = time.time_ns()
-        planned, self._planned = self._planned, {}
-        turns = [planned[i] for i in committed if i in planned]
+        turns = [t for t in map(self._planned.pop, committed, itertools.repeat(None)) if t is not None]
         if not turns:
             return
         if self.metrics:
@@ -89,6 +88,7 @@ class Observer:
 
     def turn_failed(self, instance_id: str, exc: BaseException) -> None:
         """A turn could not be written; the instance was failed instead."""
+        self._planned.pop(instance_id, None)
         instances_log.error("instance %s failed: its turn could not be written (%s)", instance_id, exc,
                             extra={"instance_id": instance_id, "error": str(exc)})
 
