@@ -56,7 +56,8 @@ async def test_json_log_lines_name_instances_attempts_and_retries(dsn: str, tmp_
     assert retry["message"].endswith(f"retrying at {retry['next_attempt_at']}")
 
     attempts = about(found, "f-1", "pgdurable_async.activities")
-    assert [(r["attempt"], r["max_attempts"], "next_attempt_at" in r) for r in attempts] == [(1, 2, True), (2, 2, False)]
+    assert [(r["attempt"], r["max_attempts"], "next_attempt_at" in r) for r in attempts] == [
+        (1, 2, True), (2, 2, False)]
     assert "no attempts left" in attempts[1]["message"]
     ending = about(found, "f-1", "pgdurable_async.instances")[-1]
     assert ending["level"] == "WARNING" and ending["message"].startswith("instance f-1 (failing) failed: ActivityError")
