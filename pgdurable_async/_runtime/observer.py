@@ -166,8 +166,8 @@ class Observer:
         """Tell the database when this worker's longest-running attempt started (for every
         process's ``pgdurable_activity_oldest_running_seconds``)."""
         since = datetime.fromtimestamp(min(self._running.values()), UTC) if self._running else None
-        if since is None and self._reported is None:
-            return
+        if since == self._reported:
+            return  # a time, not a heartbeat: written only when the longest-running attempt changes
         await self.db.run(lambda conn: ops_store.report_running(conn, worker_id=worker_id, since=since),
                           transaction=False, retry_for=5)
         self._reported = since
