@@ -4,7 +4,7 @@ The process-local metrics (attempts, durations, turns, replays, running activiti
 updated by :class:`~pgdurable_async._runtime.observer.Observer` as work happens.  The
 database-wide gauges (queue depths and ages, instances per status, the oldest running
 activity, lock waits, the WAL position) are read on scrape by :class:`DatabaseCollector`
-from one query, at most once a second per process.  :func:`register` adds both to
+from one query, at most once a second per process, on a connection and thread of its own.  :func:`register` adds both to
 ``prometheus_client.REGISTRY`` once per process, however many runtimes ask
 (``Runtime(metrics=True)``; the worker's ``--metrics-port``); :func:`serve` starts the
 ``/metrics`` endpoint.
@@ -16,12 +16,12 @@ started one still running (the counters add up over all of them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -57,12 +57,53 @@ _PROCESS_METRICS = (ACTIVITY_ATTEMPTS, ACTIVITY_DURATION, ACTIVITIES_RUNNING, TU
 
 
 class Source:
-    """A running runtime's database and event loop (the snapshot query runs there)."""
+    """A running runtime's database, read from a thread of its own.
 
-    def __init__(self, db: Database, loop: asyncio.AbstractEventLoop, local_oldest: Any) -> None:
-        self.db = db
-        self.loop = loop
-        self.local_oldest = local_oldest  # () -> seconds the oldest activity of this runtime has run
+    The snapshot query runs on a daemon thread with its own event loop and one connection,
+    so a scrape waits for it from any thread, the runtime's own event loop included (a
+    service's ``/metrics`` route): nothing it waits for needs the loop it blocks.
+    """
+
+    def __init__(self, db: Database, local_oldest: Callable[[], float]) -> None:
+        self.local_oldest = local_oldest  # seconds the oldest attempt of this runtime has run
+        self._dsn, self._schema, self._pooled = db.dsn, db.schema, db.pooled
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._db: Database | None = None
+
+    def snapshot(self, timeout: float) -> MetricsSnapshot:
+        """Run the snapshot query (blocking the calling thread, at most ``timeout`` seconds)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=_serve, args=(self._loop,), name="pgdurable-metrics", daemon=True).start()
+        future = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise
+
+    async def _read(self) -> MetricsSnapshot:
+        if self._db is None:
+            self._db = Database(self._dsn, schema=self._schema, min_size=1, max_size=1, pooled=self._pooled)
+        return await self._db.run(metrics_snapshot, transaction=False, retry_for=1.0)
+
+    async def close(self) -> None:
+        """Close the connection and end the thread (from any event loop)."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(db.close(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 class DatabaseCollector(Collector):
@@ -73,7 +114,6 @@ class DatabaseCollector(Collector):
         self._lock = threading.Lock()
         self._snapshot: MetricsSnapshot | None = None
         self._taken = -float("inf")  # monotonic time of the snapshot
-        self._refreshing: Any = None  # the pending refresh future, scheduled from the loop's own thread
 
     def add(self, source: Source) -> None:
         with self._lock:
@@ -88,39 +128,18 @@ class DatabaseCollector(Collector):
         return list(self._families(None, 0.0))
 
     def collect(self) -> Iterable[Metric]:
-        with self._lock:
+        with self._lock:  # one query at a time, however many scrapes
             source = self._sources[-1] if self._sources else None
-            snapshot = self._current(source)
+            if source is not None and time.monotonic() - self._taken >= _SNAPSHOT_MAX_AGE:
+                try:
+                    self._snapshot, self._taken = source.snapshot(_SCRAPE_TIMEOUT), time.monotonic()
+                except FutureTimeout:
+                    log.warning("the metrics query took longer than %g s; serving the last figures", _SCRAPE_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - a scrape never fails for a database hiccup
+                    log.warning("the metrics query failed (%s); serving the last figures", exc)
+            snapshot = self._snapshot
         local = source.local_oldest() if source is not None else 0.0
         return list(self._families(snapshot, local))
-
-    def _current(self, source: Source | None) -> MetricsSnapshot | None:
-        """The snapshot, refreshed first when older than a second (under the lock)."""
-        if source is None or time.monotonic() - self._taken < _SNAPSHOT_MAX_AGE:
-            return self._snapshot
-        future = self._refreshing
-        if future is None or future.done():
-            try:
-                future = self._refreshing = asyncio.run_coroutine_threadsafe(self._read(source.db), source.loop)
-            except RuntimeError:  # the loop has closed
-                return self._snapshot
-        if _on_loop(source.loop):
-            # Scraped from the runtime's own event loop (a service's /metrics route): it cannot
-            # wait for a query that needs this very loop, so it gets the last snapshot and the
-            # refresh lands for the next scrape.
-            return self._snapshot
-        try:
-            future.result(timeout=_SCRAPE_TIMEOUT)
-        except FutureTimeout:
-            future.cancel()
-            log.warning("the metrics query took longer than %g s; serving the previous figures", _SCRAPE_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - a scrape never fails for a database hiccup
-            log.warning("the metrics query failed (%s); serving the previous figures", exc)
-        return self._snapshot
-
-    async def _read(self, db: Database) -> None:
-        snapshot = await db.run(metrics_snapshot, transaction=False, retry_for=1.0)
-        self._snapshot, self._taken = snapshot, time.monotonic()
 
     @staticmethod
     def _families(s: MetricsSnapshot | None, local_oldest: float) -> Iterator[Metric]:
@@ -150,22 +169,14 @@ class DatabaseCollector(Collector):
         yield from (depth, age, flow, instances, oldest, locks, wal)
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
 COLLECTOR = DatabaseCollector()
 _registered = False
 _register_lock = threading.Lock()
 
 
-def register(db: Database, local_oldest: Any) -> Source:
-    """Join ``prometheus_client.REGISTRY`` (once per process) and make ``db`` the gauges' source.
-
-    Call it from the runtime's event loop; give the source back to :func:`unregister` at stop.
+def register(db: Database, local_oldest: Callable[[], float]) -> Source:
+    """Join ``prometheus_client.REGISTRY`` (once per process) and make ``db`` the gauges' source
+    (an opened database: its pooling mode is known); give the source to :func:`unregister` at stop.
     """
     global _registered
     with _register_lock:
@@ -181,14 +192,15 @@ def register(db: Database, local_oldest: Any) -> Source:
                     REGISTRY.unregister(metric)
                 raise ConfigurationError(f"cannot register the pgdurable metrics: {exc}") from None
             _registered = True
-    source = Source(db, asyncio.get_running_loop(), local_oldest)
+    source = Source(db, local_oldest)
     COLLECTOR.add(source)
     return source
 
 
-def unregister(source: Source) -> None:
+async def unregister(source: Source) -> None:
     """A stopping runtime's database is no longer a source of the gauges."""
     COLLECTOR.remove(source)
+    await source.close()
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

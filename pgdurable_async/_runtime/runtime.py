@@ -159,12 +159,12 @@ class Runtime:
         """Connect, migrate, register names and start the loops."""
         try:
             await self._prepare_database()
+            if self.metrics:
+                self._metrics_source = prometheus.register(self.db, self.observer.oldest_running)
         except BaseException:
             await self._listener.close()
             await self.db.close()
             raise
-        if self.metrics:
-            self._metrics_source = prometheus.register(self.db, self.observer.oldest_running)
         listener_ready = anyio.Event()
         self._owner = anyio.get_current_task().id
         self._tg = anyio.create_task_group()
@@ -224,7 +224,7 @@ class Runtime:
             return
         self._stopping.set()
         if self._metrics_source is not None:
-            prometheus.unregister(self._metrics_source)
+            await prometheus.unregister(self._metrics_source)
             self._metrics_source = None
         self.wake_all()
         self.activities.capacity.set()

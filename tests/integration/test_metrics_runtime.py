@@ -1,8 +1,8 @@
 """``Runtime(metrics=True)``: an embedding service's runtimes join ``prometheus_client.REGISTRY``.
 
-Registration is once per process (two runtimes raise no duplicate error); a scrape from
-another thread reads the database; one from the runtime's own event loop (a service's
-``/metrics`` route) never blocks it.
+Registration is once per process (two runtimes raise no duplicate error); a scrape reads
+the database from any thread, the runtime's own event loop included (a service's
+``/metrics`` route), where waiting for a query on that loop would deadlock.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ async def pair(ctx: pgd.OrchestrationContext, x: int) -> list[int]:
     return list(await ctx.all([ctx.call_activity(echo, x), ctx.call_activity(echo, x + 1)]))
 
 
+async def conn_execute(dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text.decode()) for s in family.samples}
@@ -37,11 +45,7 @@ async def test_two_runtimes_share_the_registry_and_a_scrape_reads_the_database(d
         ("pgdurable_activity_attempts_total", (("activity", "echo"), ("outcome", "completed"))), 0.0)
     async with pgd.Runtime(app, dsn, metrics=True) as one, pgd.Runtime(app, dsn, metrics=True):
         assert await (await one.client.start(pair, 1)).result(timeout=30) == [1, 2]
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute("SELECT pgdurable.start('ghost', 'null', 'ghost-1')")  # nobody serves it
-        finally:
-            await conn.close()
+        await conn_execute(dsn, "SELECT pgdurable.start('ghost', 'null', 'ghost-1')")  # nobody serves it
         with anyio.fail_after(30):
             while True:
                 scraped = samples(await anyio.to_thread.run_sync(generate_latest, REGISTRY))  # as an HTTP thread
@@ -52,9 +56,12 @@ async def test_two_runtimes_share_the_registry_and_a_scrape_reads_the_database(d
         assert scraped[("pgdurable_queue_depth", (("queue", "orchestrator"),))] == 1
         assert scraped[("pgdurable_activity_attempts_total", (("activity", "echo"), ("outcome", "completed")))] \
             == before + 2
-        # From the loop itself: the last figures at once (a wait for the query would deadlock: the timeout fails it).
+        # From the runtime's own event loop (a service's /metrics route): the query runs elsewhere, no deadlock.
+        await conn_execute(dsn, "SELECT pgdurable.start('ghost', 'null', 'ghost-2')")
+        await anyio.sleep(1.1)  # past the snapshot's second
         from_loop = samples(generate_latest(REGISTRY))
-        assert from_loop[("pgdurable_queue_depth", (("queue", "orchestrator"),))] == 1
+        assert from_loop[("pgdurable_queue_depth", (("queue", "orchestrator"),))] == 2
+        assert from_loop[("pgdurable_instances", (("status", "pending"),))] == 2
 
 
 async def test_a_runtime_without_metrics_counts_nothing(dsn: str) -> None:
