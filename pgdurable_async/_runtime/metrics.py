@@ -20,8 +20,10 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -53,6 +55,16 @@ TURN_DURATION = Histogram(
     "pgdurable_turn_duration_seconds",
     "Time of a committed turn transaction (a batch of instances' turns shares one)", registry=None,
 )
+_counted: weakref.WeakSet[Any] = weakref.WeakSet()  # observers of metrics=True runtimes: .running()
+
+
+def count_running(observer: Any) -> None:
+    """Add ``observer.running()`` (its runtime's running attempts) to pgdurable_activities_running,
+    read at scrape time: nothing to update per attempt."""
+    _counted.add(observer)
+
+
+ACTIVITIES_RUNNING.set_function(lambda: sum(o.running() for o in list(_counted)))
 _PROCESS_METRICS = (ACTIVITY_ATTEMPTS, ACTIVITY_DURATION, ACTIVITIES_RUNNING, TURNS, REPLAYS, TURN_DURATION)
 
 

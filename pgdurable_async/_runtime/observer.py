@@ -53,6 +53,9 @@ class Observer:
         self._reported: datetime | None = None
         self._attempts: dict[tuple[str, str], Any] = {}  # (activity, outcome) -> its counter child
         self._durations: dict[str, Any] = {}
+        self._tracing = False  # tracing.active() as of the last claimed batch (it costs a microsecond)
+        if metrics:
+            m.count_running(self)
 
     # -- turns ---------------------------------------------------------------------
     def turns_planned(self, rows: Iterable[InstanceRow], updates: Sequence[InstanceUpdate]) -> None:
@@ -95,17 +98,16 @@ class Observer:
     # -- activities ----------------------------------------------------------------
     async def activities_claimed(self, items: Sequence[WorkItem]) -> None:
         """A claimed batch is about to run: fetch the trace contexts its spans join (one query)."""
-        if tracing.active():
+        self._tracing = tracing.active()
+        if self._tracing:
             await self._trace_parents([i.instance_id for i in items])
 
     async def run_activity(self, item: WorkItem, run: Callable[[WorkItem], Awaitable[None]]) -> None:
         """Run one attempt (``run`` never raises but for cancellation), timed and traced."""
         started = time.perf_counter()
-        self._running[item.id] = time.time()
-        if self.metrics:
-            m.ACTIVITIES_RUNNING.inc()
+        self._running[item.id] = time.time()  # also what pgdurable_activities_running counts
         try:
-            if tracing.active():
+            if self._tracing:
                 parent = self._traces.get(item.instance_id)
                 attributes: dict[str, str | int] = {tracing.INSTANCE_ID: item.instance_id, tracing.NAME: item.name,
                               tracing.ATTEMPT: item.attempt}
@@ -117,8 +119,6 @@ class Observer:
                 self._duration(item.name).observe(time.perf_counter() - started)
         finally:
             del self._running[item.id]
-            if self.metrics:
-                m.ACTIVITIES_RUNNING.dec()
 
     def attempt_failed(self, item: WorkItem, policy: RetryPolicy, error: dict[str, Any]) -> None:
         """An attempt raised ``error``: say whether and when it runs again."""
@@ -157,7 +157,11 @@ class Observer:
             child = self._durations[name] = m.ACTIVITY_DURATION.labels(name)
         return child
 
-    # -- the oldest running activity -------------------------------------------------
+    # -- running attempts --------------------------------------------------------------
+    def running(self) -> int:
+        """Attempts of this runtime running now."""
+        return len(self._running)
+
     def oldest_running(self) -> float:
         """Seconds the longest-running attempt of this runtime has run (0: none runs)."""
         return max(0.0, time.time() - min(self._running.values())) if self._running else 0.0
