@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0015, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0016, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel, fork)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -65,7 +65,8 @@ CREATE TABLE instances (
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     submitted_by        oid,                -- graph instances: the role that submitted them (df.start)
-    event_waits         jsonb               -- what history cannot say it waits on (events), after the last turn
+    event_waits         jsonb,              -- what history cannot say it waits on (events), after the last turn
+    trace_context       jsonb               -- the W3C trace context of the client.start that created it
 );
 CREATE INDEX instances_status_name ON instances (status, name);
 CREATE INDEX instances_created ON instances (created_at DESC);
@@ -161,7 +162,8 @@ CREATE TABLE workers (
     backend_start timestamptz,
     started_at    timestamptz NOT NULL DEFAULT now(),
     heartbeat_at  timestamptz NOT NULL DEFAULT now(),
-    expires_at    timestamptz
+    expires_at    timestamptz,
+    running_since timestamptz   -- its longest-running activity started then (NULL: none running)
 );
 COMMENT ON COLUMN workers.expires_at IS
     'wake="poll" workers (backend_pid NULL): dead once this has passed without a heartbeat';
@@ -385,6 +387,26 @@ BEGIN
     RETURN id;
 END $$;
 
+-- start() that also records the caller's W3C trace context, so the instance's spans join the
+-- caller's trace in any worker process.
+CREATE OR REPLACE FUNCTION start(name text, input jsonb, instance_id text, trace_context jsonb) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    id text;
+BEGIN
+    IF trace_context IS NOT NULL
+       AND (jsonb_typeof(trace_context) <> 'object' OR octet_length(trace_context::text) > 4096) THEN
+        RAISE EXCEPTION 'pgdurable.start: trace_context must be a JSON object of at most 4096 bytes'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    id := start(name, input, instance_id);
+    IF trace_context IS NOT NULL THEN
+        UPDATE instances i SET trace_context = start.trace_context WHERE i.instance_id = id;
+    END IF;
+    RETURN id;
+END $$;
+REVOKE ALL ON FUNCTION start(text, jsonb, text, jsonb) FROM PUBLIC;
+
 -- Queues a message for a live instance (a finished one ignores it).  An event whose payload
 -- holds a delivery_key is delivered at most once per key: a client retrying raise_event
 -- after a commit it could not confirm (the connection dropped during COMMIT) sends the
@@ -537,7 +559,7 @@ BEGIN
                    '%1$I.instance_values, %1$I.schedules TO %2$I', s, role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.start(text, jsonb, text), %1$I.send(text, text, jsonb), '
                    '%1$I.raise_event(text, text, jsonb), %1$I.cancel(text, text), '
-                   '%1$I.fork(text, integer, text) TO %2$I', s, role_name);
+                   '%1$I.fork(text, integer, text), %1$I.start(text, jsonb, text, jsonb) TO %2$I', s, role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
                    '%1$I.create_schedule(text, text, jsonb, text, interval, text, text, text, timestamptz), '
                    '%1$I.set_schedule_paused(text, boolean, timestamptz), %1$I.delete_schedule(text), '

@@ -9,7 +9,6 @@ given.  The commands live beside this module: ``worker`` (worker, migrate),
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 import anyio
 
 from .._base.errors import Cancelled, PgDurableError
+from . import logs
 from .devtools import DSN_ENV
 from .parser import build_parser
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 1 if exc.code else 0
     args.dsn = args.dsn or os.environ.get(DSN_ENV) or None
     level = args.log_level or ("INFO" if args.command == "worker" else "WARNING")
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level, getattr(args, "log_format", "text"))
     try:
         if args.needs_dsn and not args.dsn:
             raise UsageError(f"`{args.command}` needs a database: pass --dsn or set {DSN_ENV}")

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retention", type=lifecycle.duration, metavar="DURATION",
                    help="purge finished instances not updated for this long (e.g. 30d), at each sweep")
+    p.add_argument("--metrics-port", type=port, metavar="N",
+                   help="serve Prometheus metrics at http://HOST:N/metrics")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics endpoint binds (default: %(default)s)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="stderr log lines: text, or one JSON object per line for log shippers (default: %(default)s)")
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")

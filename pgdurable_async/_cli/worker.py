@@ -16,6 +16,7 @@ import anyio
 from .._app import App
 from .._base.errors import ConfigurationError
 from .._runtime import Runtime
+from .._runtime.metrics import serve as serve_metrics
 from .._store.migrations import latest_version, migrate
 
 log = logging.getLogger("pgdurable_async.cli")
@@ -55,12 +56,16 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         wake=args.wake,
         poll_interval=args.poll_interval,
         retention=args.retention,
+        metrics=args.metrics_port is not None,
     )
     # Runtime.stop() must run in the task and cancel-scope level that started it,
     # so the second-signal watcher's task group encloses the runtime.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             async with runtime:
+                if args.metrics_port is not None:
+                    bound = serve_metrics(args.metrics_port, args.metrics_host)
+                    log.info("metrics at http://%s:%d/metrics", _url_host(args.metrics_host), bound)
                 log.info(
                     "worker %s ready: %d orchestrations, %d activities, concurrency %d, wake %s, queues: %s",
                     runtime.worker_id,
@@ -79,6 +84,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             tg.cancel_scope.cancel()
     log.info("worker stopped")
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:

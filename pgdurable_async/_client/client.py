@@ -15,6 +15,7 @@ import anyio
 
 from .._app import App
 from .._base import events as ev
+from .._base import tracing
 from .._base.errors import (
     ConfigurationError,
     InstanceCancelled,
@@ -165,11 +166,13 @@ class Client(ScheduleMethods):
 
         # One statement, atomic on its own.  A generated id can only collide with this call's
         # own earlier attempt: it committed, then the connection dropped and db.run retried.
-        await db.run(
-            lambda conn: instance_store.start(conn, instance_id=instance_id, name=name, input_json=body,
-                                              fresh_id=generated),
-            transaction=False,
-        )
+        with tracing.span(tracing.START, {tracing.INSTANCE_ID: instance_id, tracing.NAME: name}):
+            carrier = tracing.carrier()  # this span's: the instance's turns and activities join its trace
+            await db.run(
+                lambda conn: instance_store.start(conn, instance_id=instance_id, name=name, input_json=body,
+                                                  fresh_id=generated, trace_context=carrier),
+                transaction=False,
+            )
         self._sent()
         return InstanceHandle(self, instance_id)
 

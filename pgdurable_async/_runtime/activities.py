@@ -25,6 +25,7 @@ from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps, encode
 from .._store import Connection, Database, queue_store, work_store
 from .._store.records import Outcome, QueueWake, WorkItem
 from .clock import Clock
+from .observer import Observer
 from .wakeup import Wakeup
 
 log = logging.getLogger("pgdurable_async.activities")
@@ -44,9 +45,11 @@ class ActivityWorker:
         claim_batch: int = 512,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         clock: Clock | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.db = db
         self.clock = clock or Clock()
+        self.observer = observer or Observer(db)
         self.app = app
         self.names = sorted(n for n, d in app.activities.items() if d.queue is None)  # claim_work
         self.queued_names = sorted(n for n, d in app.activities.items() if d.queue is not None)  # claim_queued
@@ -121,12 +124,13 @@ class ActivityWorker:
     # -- running ----------------------------------------------------------------
     async def execute_batch(self, items: list[WorkItem]) -> None:
         """Run claimed items concurrently: one runtime task per batch, not per item."""
+        await self.observer.activities_claimed(items)
         await asyncio.gather(*(self.execute(item) for item in items))
 
     async def execute(self, item: WorkItem) -> None:
         """Run one claimed item to an outcome; never raises."""
         try:
-            await self._execute(item)
+            await self.observer.run_activity(item, self._execute)
         finally:
             self.running -= 1
             self._freed()
@@ -185,6 +189,7 @@ class ActivityWorker:
             return
         self.inflight.pop(item.id, None)
         self.stats["completed"] += 1
+        self.observer.outcome(item, ev.ACTIVITY_COMPLETED)
 
     def _success(self, item: WorkItem, result: Any) -> Outcome:
         try:
@@ -198,11 +203,13 @@ class ActivityWorker:
     def _failure(self, definition: ActivityDef, item: WorkItem, exc: BaseException) -> Outcome:
         policy = item.retry or definition.retry
         error = ev.error_payload(exc)
+        self.observer.attempt_failed(item, policy, error)
         if policy.should_retry(item.attempt, error["type"]):
             return Outcome(item, "retry", delay=policy.delay(item.attempt))
         return Outcome(item, ev.ACTIVITY_FAILED, dumps(ev.activity_failed(item.task_id, error, item.attempt)))
 
     def _finish(self, outcome: Outcome) -> None:
+        self.observer.outcome(outcome.item, outcome.kind)
         self._outcomes.append(outcome)
         self.acks_pending.set()
 

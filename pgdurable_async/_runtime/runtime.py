@@ -15,6 +15,8 @@ no LISTEN session: a ticker wakes every loop each ``poll_interval`` seconds, and
 worker's liveness is a heartbeat with an expiry instead of its session's backend.
 ``wake="auto"`` (the default) tests at start whether LISTEN works and picks one.
 With ``retention``, each sweep also purges old finished instances in small batches.
+With ``metrics=True`` the runtime's counters and the database-wide gauges join
+``prometheus_client.REGISTRY`` (``_runtime/metrics.py``).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from .._store import Connection, Database, queue_store, worker_store
 from .._store.listener import Listener, detect_wake, pooled_for
 from .._store.migrations import migrate_connection, require_current
 from .._store.records import WorkItem
+from . import metrics as prometheus
 from .activities import ActivityWorker
 from .clock import Clock
 from .loops import StepsInFlight, deadline, guarded
+from .observer import Observer
 from .retention import Retention
 from .schedules import ScheduleLoop
 from .timers import TimerLoop
@@ -78,6 +82,7 @@ class Runtime:
         wake: str = "auto",
         poll_interval: float = 0.5,
         retention: timedelta | None = None,
+        metrics: bool = False,
     ) -> None:
         if max_concurrency < 1 or turn_concurrency < 1 or turn_batch_size < 1:
             raise ConfigurationError("max_concurrency, turn_concurrency and turn_batch_size must be >= 1")
@@ -95,9 +100,12 @@ class Runtime:
         self.client = Client(app=app, max_payload_bytes=max_payload_bytes, wake=wake, poll_interval=poll_interval,
                              _db=self.db, _on_sent=self._client_sent)
         self.clock = Clock()  # the database's clock; only testing.Environment moves its offset
+        self.metrics = metrics
+        self.observer = Observer(self.db, metrics=metrics)
+        self._metrics_source: prometheus.Source | None = None
         self.turns = TurnProcessor(
             self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes,
-            clock=self.clock,
+            clock=self.clock, observer=self.observer,
         )
         self.activities = ActivityWorker(
             self.db,
@@ -107,6 +115,7 @@ class Runtime:
             lease_seconds=lease_seconds,
             max_payload_bytes=max_payload_bytes,
             clock=self.clock,
+            observer=self.observer,
         )
         self.retention = None if retention is None else Retention(self.db, retention)
         self.turn_concurrency = turn_concurrency
@@ -151,6 +160,8 @@ class Runtime:
         """Connect, migrate, register names and start the loops."""
         try:
             await self._prepare_database()
+            if self.metrics:
+                self._metrics_source = prometheus.register(self.db, self.observer.oldest_running)
         except BaseException:
             await self._listener.close()
             await self.db.close()
@@ -213,6 +224,9 @@ class Runtime:
         if self._stopping.is_set() and self._stopped.is_set():
             return
         self._stopping.set()
+        if self._metrics_source is not None:
+            await prometheus.unregister(self._metrics_source)
+            self._metrics_source = None
         self.wake_all()
         self.activities.capacity.set()
         with anyio.move_on_after(self.drain_timeout, shield=True):
@@ -397,6 +411,7 @@ class Runtime:
         while True:
             await anyio.sleep(self.lease_seconds / 3)
             await guarded("lease extension", self.activities.extend_leases)
+            await guarded("running report", lambda: self.observer.report_running(self.worker_id))
 
 
 def _sooner(a: float | None, b: float | None) -> float | None:

@@ -45,6 +45,7 @@ from .._store.records import (
     WorkWrite,
 )
 from .clock import Clock
+from .observer import Observer
 
 log = logging.getLogger("pgdurable_async.turns")
 
@@ -105,10 +106,12 @@ class TurnProcessor:
         cache_size: int = 10_000,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         clock: Clock | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.db = db
         self.app = app
         self.clock = clock or Clock()
+        self.observer = observer or Observer(db)
         self.names = sorted(app.orchestrations)
         self.batch_size = batch_size
         self.cache_size = cache_size
@@ -150,6 +153,7 @@ class TurnProcessor:
     async def _committed(self, only: str | None) -> int:
         """Run one batch transaction; cache its executions only once it has committed."""
         runs: dict[str, Execution] = {}
+        began = time.time_ns()
         try:
             count = await self.db.run(functools.partial(self._batch, only=only, runs=runs))
         except BaseException:
@@ -158,6 +162,7 @@ class TurnProcessor:
             raise
         self._remember(runs)
         self._release(runs)
+        await self.observer.turns_committed(runs, began)
         return count
 
     def _release(self, runs: dict[str, Execution]) -> None:
@@ -180,6 +185,7 @@ class TurnProcessor:
                 failure: Exception = exc
             try:
                 await self.db.run(functools.partial(self._fail_instance, instance_id=instance_id, exc=failure))
+                self.observer.turn_failed(instance_id, failure)
             except Exception as exc:  # noqa: BLE001
                 if _transient(exc):
                     raise
@@ -267,6 +273,7 @@ class TurnProcessor:
             new_events = execution.advance([_fact(row, m) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
+        self.observer.turns_planned((row for row, _, _ in live), w.updates)
         await self._write(conn, w)
         self.stats["turns"] += len(live)
         return len(rows)
@@ -302,6 +309,7 @@ class TurnProcessor:
             events = histories.get(row.instance_id, [])
             runs[row.instance_id].replay(Event(e.kind, e.data, e.recorded_at) for e in events if e.recorded_at)
             self.stats["replays"] += 1
+            self.observer.replayed()
 
     def _new_execution(self, row: InstanceRow) -> Execution:
         definition = self.app.orchestrations[row.name]

@@ -680,6 +680,58 @@ SELECT to_regclass('schema_migrations') IS NOT NULL;
 SELECT max(version) FROM schema_migrations;
 
 -- ======================================================================================
+-- Operations: /metrics and traces (pgdurable_async/_runtime/metrics.py and observer.py,
+-- via _store/ops_store.py; schema 0016)
+-- ======================================================================================
+
+-- name: api_start_traced
+-- start() that also records the caller's W3C trace context (JSON object) with the instance.
+SELECT start($2, $3::text::jsonb, $1, $4::text::jsonb);
+
+-- name: metrics_snapshot
+-- The database-wide gauges in one row, read at most once a second per process: each queue's
+-- rows and the age of its oldest ready one (as the dashboard counts them), instances per
+-- status, rows per flow queue, the oldest running activity (its worker reports when it
+-- started), sessions of this database waiting on a lock, and the WAL position in bytes.
+SELECT o.depth AS orchestrator_depth, o.age AS orchestrator_age,
+       w.depth AS work_depth, w.age AS work_age,
+       t.depth AS timers_depth, t.age AS timers_age,
+       (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}')
+        FROM (SELECT status, count(*) AS n FROM instances GROUP BY status) AS s)::text AS statuses,
+       (SELECT coalesce(jsonb_object_agg(q.name, (SELECT count(*) FROM work_queue x WHERE x.queue = q.name)), '{}')
+        FROM queues q)::text AS flow_depths,
+       (SELECT coalesce(extract(epoch FROM now() - min(running_since)), 0) FROM workers)::float8 AS oldest_running,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND wait_event_type = 'Lock') AS lock_waits,
+       coalesce(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+                - '0/0'::pg_lsn, 0)::float8 AS wal_bytes
+FROM (SELECT count(*) AS depth, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS age
+      FROM orchestrator_queue) AS o,
+     (SELECT count(*) AS depth,
+             coalesce(extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now())), 0)::float8 AS age
+      FROM work_queue) AS w,
+     (SELECT count(*) AS depth,
+             coalesce(extract(epoch FROM now() - min(fire_at) FILTER (WHERE fire_at <= now())), 0)::float8 AS age
+      FROM timers) AS t;
+
+-- name: trace_contexts
+-- The trace context the spans of each instance join: its own, else its nearest ancestor's (a
+-- child started by a turn has none of its own).  Instances without any are left out.
+WITH RECURSIVE chain AS (
+    SELECT i.instance_id AS origin, i.parent_instance_id AS parent, i.trace_context, 0 AS depth
+    FROM instances i WHERE i.instance_id = ANY($1::text[])
+    UNION ALL
+    SELECT c.origin, p.parent_instance_id, p.trace_context, c.depth + 1
+    FROM chain c JOIN instances p ON p.instance_id = c.parent
+    WHERE c.trace_context IS NULL AND c.depth < 64
+)
+SELECT origin AS instance_id, trace_context::text AS trace_context FROM chain WHERE trace_context IS NOT NULL;
+
+-- name: report_running
+-- When this worker's longest-running activity started (NULL: none runs).
+UPDATE workers SET running_since = $2 WHERE worker_id = $1;
+
+-- ======================================================================================
 -- The dashboard's read-only views (pgdurable_async/dashboard, via _store/dashboard_store.py)
 -- ======================================================================================
 
