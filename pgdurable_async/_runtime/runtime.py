@@ -333,8 +333,8 @@ class Runtime:
             async with anyio.create_task_group() as running:
                 while not self.stopping:
                     seen_work, seen_cap = self._work.generation, worker.capacity.generation
-                    if worker.free < threshold and worker.running:
-                        await worker.capacity.wait(seen_cap)  # claim in batches, not one by one
+                    if worker.free < threshold:  # claim in batches, not one by one; a full ack backlog
+                        await worker.capacity.wait(seen_cap)  # with nothing running waits for the flush
                         continue
                     claimed, wait_for = await self._claim_step()
                     if claimed:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import anyio
+
 from .._app import App
 from .._base import events as ev
 from .._base.errors import DatabaseError
@@ -109,6 +111,7 @@ class TurnProcessor:
         self._queue_of = {n: d.queue for n, d in app.activities.items()}  # registered here: its queue (or None)
         self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
         self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
+        self._busy: dict[str, anyio.Event] = {}  # instance id -> set once its turn has cached or dropped it
 
     async def run_batch(self) -> int:
         """Claim and run one batch of turns; returns how many instances advanced.
@@ -244,6 +247,10 @@ class TurnProcessor:
         """Executions for ``rows``: from the cache when current, else by replaying history."""
         cold: list[InstanceRow] = []
         for row in rows:
+            # Another of our turns committed this instance but has not put its execution back
+            # yet (we could lock the row, so its transaction is over): wait for it, not replay.
+            while (busy := self._busy.get(row.instance_id)) is not None:
+                await busy.wait()
             # Taken out of the cache for the turn: put back only after the commit.
             cached = self._cache.pop(row.instance_id, None)
             if (
@@ -260,6 +267,7 @@ class TurnProcessor:
                 runs[row.instance_id] = self._new_execution(row)
                 if row.history_len > 0:
                     cold.append(row)
+            self._busy[row.instance_id] = anyio.Event()  # released with runs (_remember / _discard)
         if not cold:
             return
         histories = await turn_store.fetch_histories(conn, executions=[(r.instance_id, r.execution_id) for r in cold])
@@ -280,6 +288,7 @@ class TurnProcessor:
 
     def _remember(self, runs: dict[str, Execution]) -> None:
         for instance_id, execution in runs.items():
+            self._release(instance_id)
             if execution.finished:
                 self._forget(instance_id)
                 execution.close()
@@ -290,12 +299,18 @@ class TurnProcessor:
             _, evicted = self._cache.popitem(last=False)
             evicted.close()
 
-    @staticmethod
-    def _discard(runs: dict[str, Execution]) -> None:
+    def _discard(self, runs: dict[str, Execution]) -> None:
         """Close executions whose turn did not commit (their state ran ahead of the database)."""
-        for execution in runs.values():
+        for instance_id, execution in runs.items():
+            self._release(instance_id)
             execution.close()
         runs.clear()
+
+    def _release(self, instance_id: str) -> None:
+        """This turn is done with the instance: a turn of ours waiting for it goes on."""
+        busy = self._busy.pop(instance_id, None)
+        if busy is not None:
+            busy.set()
 
     def _forget(self, instance_id: str) -> None:
         """Drop a cached execution (closing its coroutines)."""

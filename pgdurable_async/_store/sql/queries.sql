@@ -122,29 +122,10 @@ WITH work AS (DELETE FROM work_queue WHERE instance_id = ANY($1::text[]))
 DELETE FROM timers WHERE instance_id = ANY($1::text[]);
 
 -- name: claim_work
--- Oldest visible items without a queue first, per activity name, along the (name, id) index.
--- (Queues, and with them priorities: claim_queued.)  num_nulls(queue) = 1 is "queue IS NULL"
--- costed like the visible_at test, so the planner checks it after that one: most rows the scan
--- passes are leased, and a leased row is then rejected before its later columns are read.
-WITH picked AS (
-    SELECT w.id FROM unnest($1::text[]) AS n(name)
-    CROSS JOIN LATERAL (
-        SELECT id FROM work_queue
-        WHERE name = n.name AND visible_at <= now() + $5::interval AND num_nulls(queue) = 1
-        ORDER BY id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    ) AS w
-    LIMIT $2
-)
-UPDATE work_queue w
-SET visible_at = now() + $5::interval + make_interval(secs => $3),
-    lease_token = gen_random_uuid(),
-    lease_owner = $4
-FROM picked
-WHERE w.id = picked.id
-RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.retry,
-          w.attempt, w.lease_token;
+-- Oldest visible items without a queue first, per activity name, along the (name, id) index
+-- (schema function claim_work, 0018: its planner settings keep that plan whatever the statistics
+-- say).  Queues, and with them priorities: claim_queued.
+SELECT * FROM claim_work($1::text[], $2, $3, $4, $5::interval);
 
 -- name: next_work_due
 -- Seconds until the earliest item without a queue becomes visible, by the database's clock.
