@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 1 if exc.code else 0
     args.dsn = args.dsn or os.environ.get(DSN_ENV) or None
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # worker --processes N runs it again
     level = args.log_level or ("INFO" if args.command == "worker" else "WARNING")
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

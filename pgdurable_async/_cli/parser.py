@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retention", type=lifecycle.duration, metavar="DURATION",
                    help="purge finished instances not updated for this long (e.g. 30d), at each sweep")
+    p.add_argument("--processes", type=count, default=1, metavar="N",
+                   help="run N worker processes under a supervisor that drains them all on SIGTERM "
+                   "(default: %(default)s, this process)")
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
