@@ -2,7 +2,8 @@
 
 ``Meter`` snapshots, before and after a phase, on one scratch database:
 
-* this process's user+sys CPU (the engine's Python side, or the floor's driver);
+* this process's user+sys CPU (the engine's Python side, or the floor's driver), plus that of
+  ``extra_pids`` (the extra worker processes of ``bench --processes N``);
 * ``pg_stat_statements`` (when the server preloads it): total statement execution
   time and calls in this database, and the statements that took most of it;
 * the CPU of the server's backends connected to this database, read from
@@ -28,12 +29,6 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def cpu_seconds() -> float:
     """CPU time of this process (user + system), children excluded."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def children_cpu_seconds() -> float:
-    """CPU time of this process's reaped children (worker processes a phase started and stopped)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -76,6 +71,7 @@ class Meter:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.statements_available = False
+        self.extra_pids: list[int] = []  # local processes whose CPU counts as ours (extra workers)
 
     @classmethod
     async def open(cls, conn: asyncpg.Connection) -> Meter:
@@ -92,7 +88,7 @@ class Meter:
         return meter
 
     async def snapshot(self) -> Snapshot:
-        snap = Snapshot(cpu=cpu_seconds())
+        snap = Snapshot(cpu=cpu_seconds() + sum(_proc_cpu(pid) or 0.0 for pid in self.extra_pids))
         if self.statements_available:
             rows = await self.conn.fetch(
                 "SELECT queryid, query, calls, total_exec_time FROM public.pg_stat_statements "

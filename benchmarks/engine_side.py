@@ -31,7 +31,7 @@ from .common import (
 )
 from .costs import current_rss_mb, peak_rss_mb
 
-__all__ = ["Probe", "bench_app", "engine_fanout", "engine_workflows", "engine_wake"]
+__all__ = ["Probe", "bench_app", "engine_fanout", "engine_workflows", "engine_wake", "worker_app"]
 
 
 @dataclass
@@ -176,3 +176,7 @@ async def engine_wake(runtime: Runtime, dsn: str, probe: Probe, samples: int) ->
         "wake_statuses": found,
         "wake_ok": found == {"completed": samples + 1},
     }
+
+
+#: The app of ``bench --processes N``'s extra worker processes (their activities probe nothing).
+worker_app = bench_app(Probe())

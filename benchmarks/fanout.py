@@ -1,7 +1,7 @@
 """The benchmark as a script: the engine beside the raw-SQL floors (see benchmarks/RESULTS.md).
 
     python benchmarks/fanout.py [--dsn DSN] [--sizes 1000,10000,100000] [--workflows N] [--concurrency N]
-                                [--json PATH]
+                                [--processes N] [--json PATH]
 
 With no ``--dsn`` (and no ``PGDURABLE_DSN``) it starts a throwaway local cluster that preloads
 pg_stat_statements.  The DSN's role needs CREATEDB: the run works in scratch databases it drops.
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="fan-out sizes, comma-separated")
     parser.add_argument("--workflows", type=int, default=1000, help="concurrent 3-step workflows (default 1000)")
     parser.add_argument("--concurrency", type=int, default=256, help="runtime max_concurrency (default 256)")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (this one and N-1 more)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     with _server(args.dsn) as dsn:
         report = anyio.run(
             lambda: run_bench(dsn, sizes=sizes, workflows=args.workflows, concurrency=args.concurrency,
-                              out=sys.stdout, progress=sys.stderr.isatty())
+                              out=sys.stdout, progress=sys.stderr.isatty(), processes=args.processes)
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

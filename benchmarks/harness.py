@@ -37,6 +37,7 @@ from .common import START_CONCURRENCY, WAKE_SAMPLES, connect, scratch_database
 from .costs import Meter, current_rss_mb, peak_rss_mb
 from .engine_floor import floor_fanout, floor_wake, floor_workflows
 from .engine_side import Probe, bench_app, engine_fanout, engine_wake, engine_workflows
+from .extra_workers import extra_workers
 from .minimal_floor import SESSIONS, run_minimal_floor
 
 __all__ = ["run_bench", "DEFAULT_SIZES"]
@@ -103,15 +104,27 @@ async def _metered(meter: Meter, items: int, run: Callable[[], Awaitable[dict[st
     return figures
 
 
+@contextlib.asynccontextmanager
+async def _helpers(meter: Meter, dsn: str, processes: int, concurrency: int) -> AsyncIterator[None]:
+    """``processes - 1`` extra worker processes for one phase, their CPU counted by ``meter``."""
+    async with extra_workers(dsn, processes - 1, concurrency) as pids:
+        meter.extra_pids = pids
+        try:
+            yield
+        finally:
+            meter.extra_pids = []
+
+
 async def _size_round(
     n: int, runtime: Runtime, engine_dsn: str, floor_dsn: str, meters: tuple[Meter, Meter],
-    floor_args: dict[str, Any], progress: _Progress,
+    floor_args: dict[str, Any], progress: _Progress, processes: int,
 ) -> dict[str, Any]:
     """Engine, minimal floor and engine-shaped floor for one fan-out size."""
     engine_meter, floor_meter = meters
     found: dict[str, Any] = {}
     rss_before = current_rss_mb()
-    async with progress.phase(f"engine fan-out of {n:,}", n) as track:
+    async with _helpers(engine_meter, engine_dsn, processes, floor_args["max_inflight"]), \
+            progress.phase(f"engine fan-out of {n:,}", n) as track:
         found["engine"] = await _metered(engine_meter, n, lambda: engine_fanout(runtime, engine_dsn, n, track))
     found["engine"]["rss_before_mb"] = rss_before
     found["engine"]["peak_rss_mb"] = peak_rss_mb()
@@ -227,7 +240,7 @@ def _per_workflow(figures: dict[str, Any]) -> dict[str, Any]:
 
 async def run_bench(
     dsn: str, *, sizes: Sequence[int] = DEFAULT_SIZES, workflows: int = 1000, concurrency: int = 256,
-    out: TextIO, progress: bool = False,
+    out: TextIO, progress: bool = False, processes: int = 1,
 ) -> dict[str, Any]:
     """Measure the engine beside the minimal and the engine-shaped floors; print tables to ``out``.
 
@@ -236,10 +249,12 @@ async def run_bench(
     ``minimal_floor``, ``engine_floor``, ``ratio``), ``engine`` and ``floor`` (workflows and
     wake latency), ``ratio``, ``scaling`` (the largest size's rate over 10k's), ``params``,
     ``machine`` and ``ok`` (every instance of every phase completed with the expected history).
+    With ``processes`` > 1 the fan-out and workflow phases run ``processes - 1`` worker processes
+    beside this one's runtime (their CPU counts in the engine's); the wake-up phase runs here alone.
     """
     sizes = sorted(set(sizes))
-    if not sizes or min(sizes) < 1 or workflows < 1 or concurrency < 1:
-        raise ConfigurationError("sizes, workflows and concurrency must be >= 1")
+    if not sizes or min(sizes) < 1 or workflows < 1 or concurrency < 1 or processes < 1:
+        raise ConfigurationError("sizes, workflows, concurrency and processes must be >= 1")
 
     def say(text: str) -> None:
         print(text, file=out, flush=True)
@@ -257,7 +272,7 @@ async def run_bench(
             server_version = await engine_conn.fetchval("SHOW server_version")
             meters = (await Meter.open(engine_conn), await Meter.open(floor_conn))
             say(f"pgdurable_async bench: sizes={','.join(map(str, sizes))} workflows={workflows} "
-                f"concurrency={concurrency} (PostgreSQL {server_version}, {os.cpu_count()} CPUs, "
+                f"concurrency={concurrency} processes={processes} (PostgreSQL {server_version}, {os.cpu_count()} CPUs, "
                 f"load {' '.join(map(str, load_start))}"
                 f"{'' if meters[0].statements_available else ', no pg_stat_statements'})")
             async with Runtime(app, engine_dsn, max_concurrency=concurrency) as runtime:
@@ -270,12 +285,13 @@ async def run_bench(
                 }
                 turn_loops = runtime.turn_concurrency
                 for n in sizes:
-                    found = await _size_round(n, runtime, engine_dsn, floor_dsn, meters, floor_args, bar)
+                    found = await _size_round(n, runtime, engine_dsn, floor_dsn, meters, floor_args, bar, processes)
                     per_size[str(n)] = found
                     say("")
                     say(_size_table(n, found))
 
-                async with bar.phase(f"engine {workflows:,} three-step workflows", None):
+                async with _helpers(meters[0], engine_dsn, processes, concurrency), \
+                        bar.phase(f"engine {workflows:,} three-step workflows", None):
                     engine.update(_per_workflow(await _metered(
                         meters[0], workflows, lambda: engine_workflows(runtime, engine_dsn, workflows))))
                 async with bar.phase(f"engine-shaped floor {workflows:,} three-step workflows", None):
@@ -295,7 +311,7 @@ async def run_bench(
     if 10_000 in rates and max(rates) > 10_000:
         scaling[f"engine {max(rates)}/10000 rate"] = rates[max(rates)] / rates[10_000]
     report: dict[str, Any] = {
-        "params": {"sizes": sizes, "workflows": workflows, "concurrency": concurrency,
+        "params": {"sizes": sizes, "workflows": workflows, "concurrency": concurrency, "processes": processes,
                    "wake_samples": WAKE_SAMPLES, "start_concurrency": START_CONCURRENCY,
                    "minimal_floor_sessions": SESSIONS},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

@@ -73,7 +73,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     async with database(args.dsn, settings=BENCH_SERVER_SETTINGS) as dsn:
         result = await bench.run_bench(
             dsn, sizes=args.sizes, workflows=args.workflows, concurrency=args.concurrency, out=out,
-            progress=sys.stderr.isatty(),
+            progress=sys.stderr.isatty(), processes=args.processes,
         )
     if args.json:
         print(dumps(result, indent=True))

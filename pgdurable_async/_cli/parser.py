@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=count, default=256, metavar="N", help="runtime max_concurrency (default: %(default)s)"
     )
+    p.add_argument(
+        "--processes", type=count, default=1, metavar="N",
+        help="worker processes in the fan-out and workflow phases: this one and N-1 more (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="also print the result as JSON (report goes to stderr)")
     return parser
 

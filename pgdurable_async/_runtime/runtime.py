@@ -253,9 +253,9 @@ class Runtime:
         return self._listener.reconnects
 
     def _client_sent(self) -> None:
-        """Our own client started or signalled an instance: with no NOTIFY to wait for, look now."""
-        if self.wake == "poll":
-            self._orch.set()
+        """Our own client started or signalled an instance: look now, not after the NOTIFY's round trip
+        (with wake="poll" there is none to wait for)."""
+        self._orch.set()
 
     # -- LISTEN session -------------------------------------------------------------
     async def _listen(self, ready: anyio.Event) -> None:
