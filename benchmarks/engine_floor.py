@@ -224,7 +224,7 @@ class EngineFloor:
         if not batch:
             return 0
         await conn.fetch(q("ack_work"), [b[0] for b in batch], [b[1] for b in batch],  # one statement, no BEGIN
-                         ["activity_completed"] * len(batch), [b[2] for b in batch])
+                         ["activity_completed"] * len(batch), [b[2] for b in batch], "")
         self.completed += len(batch)
         self.capacity.set()
         self.orch.set()

@@ -37,3 +37,43 @@ FROM picked
 WHERE w.id = picked.id
 RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.retry, w.attempt, w.lease_token
 $$;
+
+-- notify_insert (0001), the statement trigger that NOTIFYs <schema>_<channel> on inserts into
+-- orchestrator_queue, work_queue and schedules, stays silent in a transaction that set
+-- pgdurable.notify to 'deferred' (set_config(..., true)): the runtime's turns, acks and its
+-- client's starts do, and NOTIFY the same channels themselves right after their commit, from
+-- a statement of its own that commits asynchronously.  A NOTIFY holds a database-wide lock
+-- from the commit's start to its end, fsync included: every committing transaction that
+-- notified waited for the one before it (starts topped out near 1,800/s on this machine
+-- against 5,400/s without).  Any other writer (SQL clients, df, schedules) notifies as before.
+CREATE OR REPLACE FUNCTION notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('pgdurable.notify', true) IS DISTINCT FROM 'deferred' THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '_' || TG_ARGV[0], '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- create_instances (0008), the one home of "create an instance" (start(), child starts, df,
+-- schedules), in plpgsql: a SQL function with SET clauses is planned again at every call, a
+-- plpgsql one keeps its plan for the session (0.58 -> 0.47 ms per start() here).  Same
+-- statement, same result rows, same privileges (CREATE OR REPLACE keeps them).
+CREATE OR REPLACE FUNCTION create_instances(ids text[], names text[], inputs jsonb[], parents text[],
+                                            parent_executions integer[], parent_tasks integer[])
+RETURNS SETOF text LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN QUERY
+    WITH created AS (
+        INSERT INTO instances (instance_id, name, status, input,
+                               parent_instance_id, parent_execution_id, parent_task_id)
+        SELECT c.id, c.name, 'pending', c.input, c.parent, c.parent_execution, c.parent_task
+        FROM unnest(ids, names, inputs, parents, parent_executions, parent_tasks)
+             AS c(id, name, input, parent, parent_execution, parent_task)
+        ON CONFLICT (instance_id) DO NOTHING
+        RETURNING instance_id, name, input
+    )
+    INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
+    SELECT instance_id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input)
+    FROM created
+    RETURNING instance_id;
+END $$;

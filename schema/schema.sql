@@ -280,9 +280,13 @@ CREATE TRIGGER instances_delete_guard BEFORE DELETE ON instances
 -- instance that set a durable value).
 -- ======================================================================================
 
+-- Silent in a transaction that set pgdurable.notify to 'deferred': the runtime's turns, acks
+-- and client starts NOTIFY after their commit instead, asynchronously committed (0018).
 CREATE OR REPLACE FUNCTION notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify(TG_TABLE_SCHEMA || '_' || TG_ARGV[0], '');
+    IF current_setting('pgdurable.notify', true) IS DISTINCT FROM 'deferred' THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '_' || TG_ARGV[0], '');
+    END IF;
     RETURN NULL;
 END $$;
 
@@ -346,9 +350,12 @@ CREATE TRIGGER instance_values_update_notify AFTER UPDATE ON instance_values
 
 -- An instance row and its start message, for many instances in one statement; returns the
 -- ids created (a taken id is skipped).  start() and the turns' child starts use it.
+-- plpgsql (0018): its plan is kept for the session.
 CREATE OR REPLACE FUNCTION create_instances(ids text[], names text[], inputs jsonb[], parents text[],
                                             parent_executions integer[], parent_tasks integer[])
-RETURNS SETOF text LANGUAGE sql SET search_path FROM CURRENT AS $$
+RETURNS SETOF text LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN QUERY
     WITH created AS (
         INSERT INTO instances (instance_id, name, status, input,
                                parent_instance_id, parent_execution_id, parent_task_id)
@@ -361,8 +368,8 @@ RETURNS SETOF text LANGUAGE sql SET search_path FROM CURRENT AS $$
     INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
     SELECT instance_id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input)
     FROM created
-    RETURNING instance_id
-$$;
+    RETURNING instance_id;
+END $$;
 REVOKE ALL ON FUNCTION create_instances(text[], text[], jsonb[], text[], integer[], integer[]) FROM PUBLIC;
 
 -- Starting any registered orchestration from SQL (same transactional rule as df.start).

@@ -103,6 +103,7 @@ class Client(ScheduleMethods):
         poll_interval: float = 0.5,
         _db: Database | None = None,
         _on_sent: Callable[[], None] | None = None,
+        _notify: Callable[[str], None] | None = None,
     ) -> None:
         pooled = pooled_for(wake)
         if not poll_interval > 0:
@@ -118,6 +119,7 @@ class Client(ScheduleMethods):
         self.wake = wake  # "auto" until the first wait() has decided
         self.poll_interval = poll_interval
         self._on_sent = _on_sent
+        self._notify = _notify  # a runtime's client: its starts NOTIFY after commit, through the runtime
         self._checked = False
         self._registered: set[str] = set()
         self._listener = Listener(self.db, {
@@ -165,11 +167,14 @@ class Client(ScheduleMethods):
 
         # One statement, atomic on its own.  A generated id can only collide with this call's
         # own earlier attempt: it committed, then the connection dropped and db.run retried.
+        deferred = self._notify is not None
         await db.run(
             lambda conn: instance_store.start(conn, instance_id=instance_id, name=name, input_json=body,
-                                              fresh_id=generated),
+                                              fresh_id=generated, deferred=deferred),
             transaction=False,
         )
+        if self._notify is not None:
+            self._notify(db.channel("orch"))
         self._sent()
         return InstanceHandle(self, instance_id)
 

@@ -42,6 +42,7 @@ from .._store.records import WorkItem
 from .activities import ActivityWorker
 from .clock import Clock
 from .loops import StepsInFlight, deadline, guarded
+from .notifier import Notifier
 from .retention import Retention
 from .schedules import ScheduleLoop
 from .timers import TimerLoop
@@ -91,8 +92,10 @@ class Runtime:
         #: "listen" or "poll" once started ("auto" until the start-up test has decided).
         self.wake = wake
         self.poll_interval = poll_interval
+        #: NOTIFYs of our turns, acks and client starts, sent after their commits (notify_store).
+        self.notifier = Notifier(self.db)
         self.client = Client(app=app, max_payload_bytes=max_payload_bytes, wake=wake, poll_interval=poll_interval,
-                             _db=self.db, _on_sent=self._client_sent)
+                             _db=self.db, _on_sent=self._client_sent, _notify=self.notifier.request)
         self.clock = Clock()  # the database's clock; only testing.Environment moves its offset
         self.turns = TurnProcessor(
             self.db, app, batch_size=turn_batch_size, cache_size=cache_size, max_payload_bytes=max_payload_bytes,
@@ -107,6 +110,7 @@ class Runtime:
             max_payload_bytes=max_payload_bytes,
             clock=self.clock,
         )
+        self.turns.notify = self.activities.notify = self.notifier.request
         self.retention = None if retention is None else Retention(self.db, retention)
         self.turn_concurrency = turn_concurrency
         self.lease_seconds = lease_seconds
@@ -164,6 +168,7 @@ class Runtime:
         self._tg.start_soon(self._activity_loop)
         self._tg.start_soon(self._ack_loop)
         self._tg.start_soon(self._lease_loop)
+        self._tg.start_soon(self.notifier.run)
         self._tg.start_soon(self._timers.run, self._stopping.is_set)
         if self.retention is not None:
             self._tg.start_soon(self.retention.run, self._stopping.is_set)
@@ -229,6 +234,7 @@ class Runtime:
                         await self.activities.flush()
                     with contextlib.suppress(Exception):
                         await self.activities.release(list(self.activities.inflight.values()))
+                    await self.notifier.flush()  # the last acks' NOTIFYs
                     with contextlib.suppress(Exception):
                         await self.db.run(lambda c: worker_store.deregister_worker(c, worker_id=self.worker_id),
                                           retry_for=2)

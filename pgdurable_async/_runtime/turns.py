@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,7 +32,7 @@ from .._base.names import is_reserved
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps
 from .._base.types import TERMINAL_STATUSES
 from .._engine import Event, Execution
-from .._store import Connection, Database, turn_store
+from .._store import Connection, Database, notify_store, turn_store
 from .._store.records import (
     ChildWrite,
     HistoryWrite,
@@ -111,6 +111,8 @@ class TurnProcessor:
         self._queue_of = {n: d.queue for n, d in app.activities.items()}  # registered here: its queue (or None)
         self.stats = {"turns": 0, "replays": 0, "cache_hits": 0}
         self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
+        #: Set by the runtime: turn batches NOTIFY after their commit, through it (notify_store).
+        self.notify: Callable[[str], None] | None = None
         self._busy: dict[str, anyio.Event] = {}  # instance id -> set once its turn has cached or dropped it
 
     async def run_batch(self) -> int:
@@ -132,12 +134,16 @@ class TurnProcessor:
     async def _committed(self, only: str | None) -> int:
         """Run one batch transaction; cache its executions only once it has committed."""
         runs: dict[str, Execution] = {}
+        channels: set[str] = set()
         try:
-            count = await self.db.run(functools.partial(self._batch, only=only, runs=runs))
+            count = await self.db.run(functools.partial(self._batch, only=only, runs=runs, channels=channels))
         except BaseException:
             self._discard(runs)
             raise
         self._remember(runs)
+        if self.notify is not None:
+            for channel in sorted(channels):
+                self.notify(channel)
         return count
 
     async def _one_by_one(self) -> int:
@@ -200,8 +206,12 @@ class TurnProcessor:
         await self._write(conn, w)
 
     # -- one batch -------------------------------------------------------------
-    async def _batch(self, conn: Connection, only: str | None, runs: dict[str, Execution]) -> int:
+    async def _batch(
+        self, conn: Connection, only: str | None, runs: dict[str, Execution], channels: set[str]
+    ) -> int:
+        """One batch transaction; ``channels`` gets the NOTIFY channels its inserts did not notify."""
         self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
+        channels.clear()
         if only is None:
             rows = await self._claim(conn)
         else:
@@ -239,6 +249,12 @@ class TurnProcessor:
             new_events = execution.advance([_fact(row, m) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
+        if self.notify is not None and (w.work or w.messages or w.children or w.cancels or w.child_cancels):
+            await notify_store.defer(conn)
+            if w.work:
+                channels.add(self.db.channel("work"))
+            if w.messages or w.children or w.cancels or w.child_cancels:
+                channels.add(self.db.channel("orch"))
         await self._write(conn, w)
         self.stats["turns"] += len(live)
         return len(rows)

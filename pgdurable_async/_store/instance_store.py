@@ -24,14 +24,17 @@ from .sql_loader import q
 from .turn_store import enqueue_messages, lock_instance
 
 
-async def start(conn: Connection, *, instance_id: str, name: str, input_json: str, fresh_id: bool = False) -> None:
+async def start(
+    conn: Connection, *, instance_id: str, name: str, input_json: str, fresh_id: bool = False, deferred: bool = False
+) -> None:
     """Create an instance and queue its start message (the SQL client API, one statement).
 
     Raises :class:`InstanceAlreadyExists` for a taken id, except with ``fresh_id`` (an id
     this call generated: a collision can only be its own earlier, committed attempt).
+    ``deferred``: the start message does not NOTIFY; the caller does after (notify_store).
     """
     try:
-        await conn.fetchval(q("api_start"), instance_id, name, input_json)
+        await conn.fetchval(q("api_start_deferred" if deferred else "api_start"), instance_id, name, input_json)
     except asyncpg.UniqueViolationError:
         if not fresh_id:
             raise InstanceAlreadyExists(instance_id) from None

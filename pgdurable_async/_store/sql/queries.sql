@@ -11,6 +11,20 @@
 -- The SECURITY DEFINER client API (schema/0003): raises unique_violation for a taken id.
 SELECT start($2, $3::text::jsonb, $1);
 
+-- name: api_start_deferred
+-- api_start whose start message does not NOTIFY (schema 0018's pgdurable.notify): the caller
+-- notifies after the commit (notify_channels).  The FROM item is evaluated before start().
+SELECT start($2, $3::text::jsonb, $1) FROM (SELECT set_config('pgdurable.notify', 'deferred', true)) AS quiet;
+
+-- name: defer_notify
+-- The rest of this transaction's inserts do not NOTIFY: the caller does after its commit.
+SELECT set_config('pgdurable.notify', 'deferred', true);
+
+-- name: notify_channels
+-- The NOTIFYs of a committed deferred transaction, in a transaction of their own that does not
+-- wait for its WAL flush (a lost one costs a sweep's latency, never work).
+SELECT set_config('synchronous_commit', 'off', true), pg_notify(c, '') FROM unnest($1::text[]) AS c;
+
 -- name: api_submit_graph
 -- A graph instance submitted as the session's current role (schema 0009's df._submit).
 SELECT df._submit($1::text::jsonb, $2, coalesce($3, '"$user", public'), coalesce($4::text::jsonb, '{}'), $5);
@@ -169,8 +183,11 @@ UPDATE work_queue SET visible_at = now() + $3::interval + make_interval(secs => 
 WHERE lease_token = ANY($1::uuid[]);
 
 -- name: ack_work
--- Delete finished items still leased by us and turn them into result messages.
-WITH results AS (
+-- Delete finished items still leased by us and turn them into result messages; $5 'deferred':
+-- the insert does not NOTIFY (the caller does after the commit), '' it does.
+WITH quiet AS (
+    SELECT set_config('pgdurable.notify', $5, true) AS mode
+), results AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[])
              AS r(id, token, kind, payload)
 ), done AS (
@@ -179,7 +196,7 @@ WITH results AS (
     RETURNING w.instance_id, w.execution_id, w.orchestration, r.kind, r.payload
 )
 INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
-SELECT instance_id, execution_id, orchestration, kind, payload::jsonb FROM done
+SELECT instance_id, execution_id, orchestration, kind, payload::jsonb FROM done CROSS JOIN quiet
 RETURNING 1;
 
 -- name: retry_work
