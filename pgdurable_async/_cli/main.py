@@ -23,6 +23,9 @@ from .parser import build_parser
 _EXPECTED: tuple[type[BaseException], ...] = (PgDurableError, Cancelled, ValueError, OSError)
 
 
+UVLOOP_ENV = "PGDURABLE_UVLOOP"
+
+
 class UsageError(Exception):
     """A command line that cannot run as given (exit code 2)."""
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.needs_dsn and not args.dsn:
             raise UsageError(f"`{args.command}` needs a database: pass --dsn or set {DSN_ENV}")
-        code: int = anyio.run(args.func, args)
+        code: int = anyio.run(args.func, args, backend_options=_backend_options())
         return code
     except KeyboardInterrupt:
         return 130
@@ -54,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             _error(leaves[0])
             return 1
         raise
+
+
+def _backend_options() -> dict[str, object]:
+    """``PGDURABLE_UVLOOP=1``: run the event loop on uvloop (an opt-in; ``pip install uvloop``)."""
+    if os.environ.get(UVLOOP_ENV, "") in ("", "0"):
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{UVLOOP_ENV}=1 needs uvloop: pip install uvloop") from None
+    return {"use_uvloop": True}
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -40,7 +40,7 @@ class Notifier:
                               retry_for=2)
             self.sent += 1
         except DatabaseError as exc:
-            log.warning("NOTIFY %s failed (%s): the next sweep wakes the workers", ", ".join(channels), exc)
+            log.warning("wake-ups on %s were not sent (%s): the next sweep catches up", ", ".join(channels), exc)
 
     async def run(self) -> None:
         """Until cancelled: send each round of requests as it comes."""

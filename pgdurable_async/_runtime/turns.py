@@ -206,10 +206,7 @@ class TurnProcessor:
         await self._write(conn, w)
 
     # -- one batch -------------------------------------------------------------
-    async def _batch(
-        self, conn: Connection, only: str | None, runs: dict[str, Execution], channels: set[str]
-    ) -> int:
-        """One batch transaction; ``channels`` gets the NOTIFY channels its inserts did not notify."""
+    async def _batch(self, conn: Connection, only: str | None, runs: dict[str, Execution], channels: set[str]) -> int:
         self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
         channels.clear()
         if only is None:
@@ -249,12 +246,10 @@ class TurnProcessor:
             new_events = execution.advance([_fact(row, m) for m in current], now)
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
-        if self.notify is not None and (w.work or w.messages or w.children or w.cancels or w.child_cancels):
+        messages = bool(w.messages or w.children or w.cancels or w.child_cancels)
+        if self.notify is not None and (w.work or messages):  # these inserts NOTIFY after the commit
             await notify_store.defer(conn)
-            if w.work:
-                channels.add(self.db.channel("work"))
-            if w.messages or w.children or w.cancels or w.child_cancels:
-                channels.add(self.db.channel("orch"))
+            channels.update(self.db.channel(c) for c, due in (("work", w.work), ("orch", messages)) if due)
         await self._write(conn, w)
         self.stats["turns"] += len(live)
         return len(rows)
