@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0016, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0018, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel, fork)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -282,9 +282,13 @@ CREATE TRIGGER instances_delete_guard BEFORE DELETE ON instances
 -- instance that set a durable value).
 -- ======================================================================================
 
+-- Silent in a transaction that set pgdurable.notify to 'deferred': the runtime's turns, acks
+-- and client starts NOTIFY after their commit instead, asynchronously committed (0018).
 CREATE OR REPLACE FUNCTION notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify(TG_TABLE_SCHEMA || '_' || TG_ARGV[0], '');
+    IF current_setting('pgdurable.notify', true) IS DISTINCT FROM 'deferred' THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '_' || TG_ARGV[0], '');
+    END IF;
     RETURN NULL;
 END $$;
 
@@ -348,9 +352,12 @@ CREATE TRIGGER instance_values_update_notify AFTER UPDATE ON instance_values
 
 -- An instance row and its start message, for many instances in one statement; returns the
 -- ids created (a taken id is skipped).  start() and the turns' child starts use it.
+-- plpgsql (0018): its plan is kept for the session.
 CREATE OR REPLACE FUNCTION create_instances(ids text[], names text[], inputs jsonb[], parents text[],
                                             parent_executions integer[], parent_tasks integer[])
-RETURNS SETOF text LANGUAGE sql SET search_path FROM CURRENT AS $$
+RETURNS SETOF text LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN QUERY
     WITH created AS (
         INSERT INTO instances (instance_id, name, status, input,
                                parent_instance_id, parent_execution_id, parent_task_id)
@@ -363,8 +370,8 @@ RETURNS SETOF text LANGUAGE sql SET search_path FROM CURRENT AS $$
     INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
     SELECT instance_id, 1, name, 'orchestration_started', jsonb_build_object('name', name, 'input', input)
     FROM created
-    RETURNING instance_id
-$$;
+    RETURNING instance_id;
+END $$;
 REVOKE ALL ON FUNCTION create_instances(text[], text[], jsonb[], text[], integer[], integer[]) FROM PUBLIC;
 
 -- Starting any registered orchestration from SQL (same transactional rule as df.start).
@@ -2575,8 +2582,7 @@ END $$;
 REVOKE ALL ON FUNCTION df._expire(integer, integer, integer) FROM PUBLIC;
 -- ======================================================================================
 -- 8. Flow control and schedules
--- claim_queued: the claim of limited queues (items without a queue are claimed by the
--- runtime's claim_work query).  Schedules: the instance id of a firing, and the client API
+-- claim_queued: the claim of limited queues; claim_work: the claim of items without a queue.  Schedules: the instance id of a firing, and the client API
 -- (SECURITY DEFINER, like section 5).
 -- ======================================================================================
 
@@ -2714,6 +2720,34 @@ BEGIN
         RETURN NEXT;
     END IF;
 END $$;
+
+-- Lease up to max_items ready items without a queue of activity_names, oldest first per name along
+-- (name, id); its planner settings keep that index walk whatever the statistics say (0018).
+CREATE OR REPLACE FUNCTION claim_work(activity_names text[], max_items integer, lease_seconds double precision,
+                                      owner_id text, clock_offset interval)
+RETURNS TABLE (id bigint, instance_id text, execution_id integer, task_id integer, name text, input jsonb,
+               retry jsonb, attempt integer, lease_token uuid)
+LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT SET enable_bitmapscan = off SET enable_sort = off AS $$
+WITH picked AS (
+    SELECT w.id FROM unnest($1) AS n(name)
+    CROSS JOIN LATERAL (
+        SELECT q.id FROM work_queue q
+        WHERE q.name = n.name AND q.visible_at <= now() + $5 AND num_nulls(q.queue) = 1
+        ORDER BY q.id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS w
+    LIMIT $2
+)
+UPDATE work_queue w
+SET visible_at = now() + $5 + make_interval(secs => $3),
+    lease_token = gen_random_uuid(),
+    lease_owner = $4
+FROM picked
+WHERE w.id = picked.id
+RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.retry, w.attempt, w.lease_token
+$$;
 
 -- The id of the instance a schedule starts for one fire time (ISO 8601 UTC, to the second).
 CREATE OR REPLACE FUNCTION schedule_instance_id(schedule_id text, fire_at timestamptz) RETURNS text

@@ -23,6 +23,9 @@ from .parser import build_parser
 _EXPECTED: tuple[type[BaseException], ...] = (PgDurableError, Cancelled, ValueError, OSError)
 
 
+UVLOOP_ENV = "PGDURABLE_UVLOOP"
+
+
 class UsageError(Exception):
     """A command line that cannot run as given (exit code 2)."""
 
@@ -35,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 1 if exc.code else 0
     args.dsn = args.dsn or os.environ.get(DSN_ENV) or None
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # worker --processes N runs it again
     level = args.log_level or ("INFO" if args.command == "worker" else "WARNING")
     logs.configure(level, getattr(args, "log_format", "text"))
     try:
         if args.needs_dsn and not args.dsn:
             raise UsageError(f"`{args.command}` needs a database: pass --dsn or set {DSN_ENV}")
-        code: int = anyio.run(args.func, args)
+        code: int = anyio.run(args.func, args, backend_options=_backend_options())
         return code
     except KeyboardInterrupt:
         return 130
@@ -53,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             _error(leaves[0])
             return 1
         raise
+
+
+def _backend_options() -> dict[str, object]:
+    """``PGDURABLE_UVLOOP=1``: run the event loop on uvloop (an opt-in; ``pip install uvloop``)."""
+    if os.environ.get(UVLOOP_ENV, "") in ("", "0"):
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{UVLOOP_ENV}=1 needs uvloop: pip install uvloop") from None
+    return {"use_uvloop": True}
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the metrics endpoint binds (default: %(default)s)")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="stderr log lines: text, or one JSON object per line for log shippers (default: %(default)s)")
+    p.add_argument("--processes", type=count, default=1, metavar="N",
+                   help="run N worker processes under a supervisor that drains them all on SIGTERM "
+                   "(default: %(default)s, this process)")
     add("migrate", cmd_migrate, "install or upgrade the database schema")
     p = add("start", admin.cmd_start, "start an orchestration and print its instance id")
     p.add_argument("name", help="registered orchestration name")
@@ -136,15 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a graph example: document_batch, embedding_pipeline, outbox, maintenance",
     )
     p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
-    p = add("bench", cmd_bench, "measure fan-out throughput", needs_dsn=False)
+    p = add("bench", cmd_bench, "measure throughput beside the raw-SQL floors (from a source checkout)",
+            needs_dsn=False)
     p.add_argument(
-        "--fanout", type=count, default=10_000, metavar="N", help="activities in the fan-out (default: %(default)s)"
+        "--sizes", type=sizes, default=[1_000, 10_000, 100_000], metavar="N[,N...]",
+        help="fan-out sizes, comma-separated (default: 1000,10000,100000)",
     )
     p.add_argument(
         "--workflows", type=count, default=1_000, metavar="N", help="3-step workflows to start (default: %(default)s)"
     )
     p.add_argument(
         "--concurrency", type=count, default=256, metavar="N", help="runtime max_concurrency (default: %(default)s)"
+    )
+    p.add_argument(
+        "--processes", type=count, default=1, metavar="N",
+        help="worker processes in the fan-out and workflow phases: this one and N-1 more (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="also print the result as JSON (report goes to stderr)")
     return parser
@@ -166,6 +175,17 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def sizes(text: str) -> list[int]:
+    """A comma-separated list of counts, e.g. ``1000,10000``."""
+    try:
+        found = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of counts: {text!r}") from None
+    if not found or min(found) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be counts of at least 1, got {text!r}")
+    return found
 
 
 def positive(text: str) -> float:

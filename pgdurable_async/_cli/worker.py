@@ -18,6 +18,7 @@ from .._base.errors import ConfigurationError
 from .._runtime import Runtime
 from .._runtime.metrics import serve as serve_metrics
 from .._store.migrations import latest_version, migrate
+from .supervisor import supervise
 
 log = logging.getLogger("pgdurable_async.cli")
 
@@ -44,8 +45,10 @@ def load_app(spec: str) -> App:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
-    """Serve the app until SIGTERM/SIGINT, then drain and exit 0."""
-    app = load_app(args.app)
+    """Serve the app until SIGTERM/SIGINT, then drain and exit 0 (``--processes N``: N processes)."""
+    app = load_app(args.app)  # fail fast, in the supervisor too
+    if args.processes > 1:
+        return await supervise(args.argv, args.processes)
     runtime = Runtime(
         app,
         args.dsn,

@@ -104,6 +104,7 @@ class Client(ScheduleMethods):
         poll_interval: float = 0.5,
         _db: Database | None = None,
         _on_sent: Callable[[], None] | None = None,
+        _notify: Callable[[str], None] | None = None,
     ) -> None:
         pooled = pooled_for(wake)
         if not poll_interval > 0:
@@ -119,6 +120,7 @@ class Client(ScheduleMethods):
         self.wake = wake  # "auto" until the first wait() has decided
         self.poll_interval = poll_interval
         self._on_sent = _on_sent
+        self._notify = _notify  # a runtime's client: its starts NOTIFY after commit, through the runtime
         self._checked = False
         self._registered: set[str] = set()
         self._listener = Listener(self.db, {
@@ -166,13 +168,16 @@ class Client(ScheduleMethods):
 
         # One statement, atomic on its own.  A generated id can only collide with this call's
         # own earlier attempt: it committed, then the connection dropped and db.run retried.
+        deferred = self._notify is not None
         with tracing.span(tracing.START, {tracing.INSTANCE_ID: instance_id, tracing.NAME: name}):
             carrier = tracing.carrier()  # this span's: the instance's turns and activities join its trace
             await db.run(
                 lambda conn: instance_store.start(conn, instance_id=instance_id, name=name, input_json=body,
-                                                  fresh_id=generated, trace_context=carrier),
+                                                  fresh_id=generated, trace_context=carrier, deferred=deferred),
                 transaction=False,
             )
+        if self._notify is not None:
+            self._notify(db.channel("orch"))
         self._sent()
         return InstanceHandle(self, instance_id)
 

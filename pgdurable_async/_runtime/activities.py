@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -69,6 +70,8 @@ class ActivityWorker:
         self._outcomes: list[Outcome] = []
         self.stats = {"completed": 0, "failed": 0, "retried": 0, "acks": 0}
         self._user_search_path: str | None = None  # learned on the first transactional activity
+        #: Set by the runtime: acks then NOTIFY after their commit, through it (notify_store).
+        self.notify: Callable[[str], None] | None = None
 
     @property
     def free(self) -> int:
@@ -228,9 +231,11 @@ class ActivityWorker:
 
         queued = any(o.item.queue in self._slotted for o in batch)
 
+        deferred = self.notify is not None
+
         async def write(conn: Connection) -> None:
             if acks:
-                await work_store.ack_work(conn, acks)
+                await work_store.ack_work(conn, acks, deferred=deferred)
             if retries:
                 await work_store.retry_work(conn, retries, offset=self.clock.offset)
             if queued:  # slots of limited queues are free: claimers elsewhere look again
@@ -241,6 +246,8 @@ class ActivityWorker:
         except BaseException:
             self._outcomes[:0] = batch  # keep them for the next flush
             raise
+        if acks and self.notify is not None:
+            self.notify(self.db.channel("orch"))
         for o in batch:
             self.inflight.pop(o.item.id, None)
         self.stats["acks"] += 1

@@ -45,6 +45,7 @@ from . import metrics as prometheus
 from .activities import ActivityWorker
 from .clock import Clock
 from .loops import StepsInFlight, deadline, guarded
+from .notifier import Notifier
 from .observer import Observer
 from .retention import Retention
 from .schedules import ScheduleLoop
@@ -97,8 +98,10 @@ class Runtime:
         #: "listen" or "poll" once started ("auto" until the start-up test has decided).
         self.wake = wake
         self.poll_interval = poll_interval
+        #: NOTIFYs of our turns, acks and client starts, sent after their commits (notify_store).
+        self.notifier = Notifier(self.db)
         self.client = Client(app=app, max_payload_bytes=max_payload_bytes, wake=wake, poll_interval=poll_interval,
-                             _db=self.db, _on_sent=self._client_sent)
+                             _db=self.db, _on_sent=self._client_sent, _notify=self.notifier.request)
         self.clock = Clock()  # the database's clock; only testing.Environment moves its offset
         self.metrics = metrics
         self.observer = Observer(self.db, metrics=metrics)
@@ -117,6 +120,7 @@ class Runtime:
             clock=self.clock,
             observer=self.observer,
         )
+        self.turns.notify = self.activities.notify = self.notifier.request
         self.retention = None if retention is None else Retention(self.db, retention)
         self.turn_concurrency = turn_concurrency
         self.lease_seconds = lease_seconds
@@ -176,6 +180,7 @@ class Runtime:
         self._tg.start_soon(self._activity_loop)
         self._tg.start_soon(self._ack_loop)
         self._tg.start_soon(self._lease_loop)
+        self._tg.start_soon(self.notifier.run)
         self._tg.start_soon(self._timers.run, self._stopping.is_set)
         if self.retention is not None:
             self._tg.start_soon(self.retention.run, self._stopping.is_set)
@@ -244,6 +249,7 @@ class Runtime:
                         await self.activities.flush()
                     with contextlib.suppress(Exception):
                         await self.activities.release(list(self.activities.inflight.values()))
+                    await self.notifier.flush()  # the last acks' NOTIFYs
                     with contextlib.suppress(Exception):
                         await self.db.run(lambda c: worker_store.deregister_worker(c, worker_id=self.worker_id),
                                           retry_for=2)
@@ -268,9 +274,9 @@ class Runtime:
         return self._listener.reconnects
 
     def _client_sent(self) -> None:
-        """Our own client started or signalled an instance: with no NOTIFY to wait for, look now."""
-        if self.wake == "poll":
-            self._orch.set()
+        """Our own client started or signalled an instance: look now, not after the NOTIFY's round trip
+        (with wake="poll" there is none to wait for)."""
+        self._orch.set()
 
     # -- LISTEN session -------------------------------------------------------------
     async def _listen(self, ready: anyio.Event) -> None:
@@ -350,8 +356,8 @@ class Runtime:
             async with anyio.create_task_group() as running:
                 while not self.stopping:
                     seen_work, seen_cap = self._work.generation, worker.capacity.generation
-                    if worker.free < threshold and worker.running:
-                        await worker.capacity.wait(seen_cap)  # claim in batches, not one by one
+                    if worker.free < threshold:  # claim in batches, not one by one; a full ack backlog
+                        await worker.capacity.wait(seen_cap)  # with nothing running waits for the flush
                         continue
                     claimed, wait_for = await self._claim_step()
                     if claimed:

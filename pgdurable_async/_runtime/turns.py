@@ -18,8 +18,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -32,7 +31,7 @@ from .._base.names import is_reserved
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, dumps
 from .._base.types import TERMINAL_STATUSES
 from .._engine import Event, Execution
-from .._store import Connection, Database, turn_store
+from .._store import Connection, Database, notify_store, turn_store
 from .._store.records import (
     ChildWrite,
     HistoryWrite,
@@ -46,6 +45,7 @@ from .._store.records import (
 )
 from .clock import Clock
 from .observer import Observer
+from .turn_writes import TurnWrites, child_refused, to_parent, write
 
 log = logging.getLogger("pgdurable_async.turns")
 
@@ -69,29 +69,6 @@ class Batch(NamedTuple):
 
     advanced: int  # instances advanced (0: nothing claimed)
     held: bool  # nothing claimed, yet messages wait: another turn holds their instances
-
-
-@dataclass
-class _Writes:
-    """Everything a batch of turns writes, gathered into one statement per table."""
-
-    history: list[HistoryWrite] = field(default_factory=list)
-    work: list[WorkWrite] = field(default_factory=list)
-    timers: list[TimerWrite] = field(default_factory=list)
-    children: list[ChildWrite] = field(default_factory=list)
-    messages: list[MessageWrite] = field(default_factory=list)
-    updates: list[InstanceUpdate] = field(default_factory=list)
-    consumed: list[int] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
-    values: list[ValueWrite] = field(default_factory=list)
-    cancels: list[tuple[str, str]] = field(default_factory=list)  # (parent id, cancel payload) for its children
-    child_cancels: list[MessageWrite] = field(default_factory=list)  # children started in this turn, then cancelled
-
-
-def _to_parent(row: InstanceRow, kind: str, payload: dict[str, object]) -> MessageWrite:
-    """The message that tells ``row``'s parent how its child ended."""
-    assert row.parent_instance_id is not None
-    return MessageWrite(row.parent_instance_id, row.parent_execution_id, kind, dumps(payload))
 
 
 class TurnProcessor:
@@ -122,9 +99,9 @@ class TurnProcessor:
         # "held": claims that locked nothing while messages waited (another turn holds them).
         self.stats = {"turns": 0, "replays": 0, "cache_hits": 0, "held": 0}
         self._quarantine: dict[str, float] = {}  # instance id -> monotonic time it may be retried
-        # Instances whose turn runs in this process: another turn loop that claims one right after
-        # the commit waits for its execution to be back in the cache instead of replaying it.
-        self._in_turn: dict[str, anyio.Event] = {}
+        #: Set by the runtime: turn batches NOTIFY after their commit, through it (notify_store).
+        self.notify: Callable[[str], None] | None = None
+        self._busy: dict[str, anyio.Event] = {}  # instance id -> set once its turn has cached or dropped it
 
     async def run_batch(self) -> Batch:
         """Claim and run one batch of turns: how many instances advanced, and whether none could
@@ -154,23 +131,18 @@ class TurnProcessor:
         """Run one batch transaction; cache its executions only once it has committed."""
         runs: dict[str, Execution] = {}
         began = time.time_ns()
+        channels: set[str] = set()
         try:
-            count = await self.db.run(functools.partial(self._batch, only=only, runs=runs))
+            count = await self.db.run(functools.partial(self._batch, only=only, runs=runs, channels=channels))
         except BaseException:
-            self._release(runs)
             self._discard(runs)
             raise
         self._remember(runs)
-        self._release(runs)
+        if self.notify is not None:
+            for channel in sorted(channels):
+                self.notify(channel)
         await self.observer.turns_committed(runs, began)
         return count
-
-    def _release(self, runs: dict[str, Execution]) -> None:
-        """Let a turn loop waiting for these instances go on (they are cached or forgotten now)."""
-        for instance_id in runs:
-            done = self._in_turn.pop(instance_id, None)
-            if done is not None:
-                done.set()
 
     async def _one_by_one(self) -> int:
         ids = await self.db.run(self._claimable, transaction=False)
@@ -216,7 +188,7 @@ class TurnProcessor:
         if row is None or row.status in TERMINAL_STATUSES:
             return
         self._forget(instance_id)
-        w = _Writes()
+        w = TurnWrites()
         error = ev.error_info("TurnError", f"a turn could not be written: {exc}")
         seq = await turn_store.last_seq(conn, instance_id=instance_id, execution_id=row.execution_id) + 1
         w.history.append(HistoryWrite(instance_id, row.execution_id, seq, ev.ORCHESTRATION_FAILED,
@@ -228,14 +200,14 @@ class TurnProcessor:
         # goes, a number beyond a double) is what may have failed the turn.
         w.consumed.extend(await turn_store.message_ids(conn, instance_ids=[instance_id]))
         if row.parent_instance_id:
-            w.messages.append(_to_parent(row, ev.SUB_ORCHESTRATION_FAILED,
+            w.messages.append(to_parent(row, ev.SUB_ORCHESTRATION_FAILED,
                                          ev.child_failed(row.parent_task_id, instance_id, error)))
-        await self._write(conn, w)
+        await write(conn, w)
 
     # -- one batch -------------------------------------------------------------
-    async def _batch(self, conn: Connection, only: str | None, runs: dict[str, Execution]) -> int:
-        self._release(runs)
+    async def _batch(self, conn: Connection, only: str | None, runs: dict[str, Execution], channels: set[str]) -> int:
         self._discard(runs)  # left by an attempt whose commit failed (db.run retries)
+        channels.clear()
         if only is None:
             rows = await self._claim(conn)
         else:
@@ -248,7 +220,7 @@ class TurnProcessor:
             inbox[msg.instance_id].append(msg)
 
         now = rows[0].db_now  # the database's clock: history times, ctx.now() and timers agree with fire_timers
-        w = _Writes()
+        w = TurnWrites()
         live: list[tuple[InstanceRow, list[Message], bool]] = []
         for row in rows:
             msgs = inbox.get(row.instance_id, [])
@@ -274,7 +246,11 @@ class TurnProcessor:
             self._plan(row, execution, row.history_len, new_events, w)
         await self._check_names(conn, w)
         self.observer.turns_planned((row for row, _, _ in live), w.updates)
-        await self._write(conn, w)
+        messages = bool(w.messages or w.children or w.cancels or w.child_cancels)
+        if self.notify is not None and (w.work or messages):  # these inserts NOTIFY after the commit
+            await notify_store.defer(conn)
+            channels.update(self.db.channel(c) for c, due in (("work", w.work), ("orch", messages)) if due)
+        await write(conn, w)
         self.stats["turns"] += len(live)
         return len(rows)
 
@@ -282,10 +258,10 @@ class TurnProcessor:
         """Executions for ``rows``: from the cache when current, else by replaying history."""
         cold: list[InstanceRow] = []
         for row in rows:
-            busy = self._in_turn.get(row.instance_id)
-            if busy is not None:  # its previous turn just committed in another loop: let it cache
+            # Another of our turns committed this instance but has not put its execution back
+            # yet (we could lock the row, so its transaction is over): wait for it, not replay.
+            while (busy := self._busy.get(row.instance_id)) is not None:
                 await busy.wait()
-            self._in_turn[row.instance_id] = anyio.Event()
             # Taken out of the cache for the turn: put back only after the commit.
             cached = self._cache.pop(row.instance_id, None)
             if (
@@ -302,6 +278,7 @@ class TurnProcessor:
                 runs[row.instance_id] = self._new_execution(row)
                 if row.history_len > 0:
                     cold.append(row)
+            self._busy[row.instance_id] = anyio.Event()  # released with runs (_remember / _discard)
         if not cold:
             return
         histories = await turn_store.fetch_histories(conn, executions=[(r.instance_id, r.execution_id) for r in cold])
@@ -323,6 +300,7 @@ class TurnProcessor:
 
     def _remember(self, runs: dict[str, Execution]) -> None:
         for instance_id, execution in runs.items():
+            self._release(instance_id)
             if execution.finished:
                 self._forget(instance_id)
                 execution.close()
@@ -333,12 +311,18 @@ class TurnProcessor:
             _, evicted = self._cache.popitem(last=False)
             evicted.close()
 
-    @staticmethod
-    def _discard(runs: dict[str, Execution]) -> None:
+    def _discard(self, runs: dict[str, Execution]) -> None:
         """Close executions whose turn did not commit (their state ran ahead of the database)."""
-        for execution in runs.values():
+        for instance_id, execution in runs.items():
+            self._release(instance_id)
             execution.close()
         runs.clear()
+
+    def _release(self, instance_id: str) -> None:
+        """This turn is done with the instance: a turn of ours waiting for it goes on."""
+        busy = self._busy.pop(instance_id, None)
+        if busy is not None:
+            busy.set()
 
     def _forget(self, instance_id: str) -> None:
         """Drop a cached execution (closing its coroutines)."""
@@ -347,7 +331,7 @@ class TurnProcessor:
             cached.close()
 
     # -- turning events into writes ---------------------------------------------
-    def _plan(self, row: InstanceRow, execution: Execution, base: int, events: list[Event], w: _Writes) -> None:
+    def _plan(self, row: InstanceRow, execution: Execution, base: int, events: list[Event], w: TurnWrites) -> None:
         instance_id, execution_id, name = row.instance_id, row.execution_id, row.name
         status = "running"
         output = error = next_input = None
@@ -382,7 +366,7 @@ class TurnProcessor:
                     note = (ev.SUB_ORCHESTRATION_FAILED, ev.child_failed(row.parent_task_id, instance_id, failure))
                 w.finished.append(instance_id)
                 if row.parent_instance_id:
-                    w.messages.append(_to_parent(row, *note))
+                    w.messages.append(to_parent(row, *note))
             elif kind == ev.CONTINUED_AS_NEW:
                 next_input = dumps(data.get("input"))
                 w.finished.append(instance_id)  # the old execution's work and timers are moot
@@ -405,7 +389,7 @@ class TurnProcessor:
         execution.custom_status_changed = False
         w.values.extend(values.values())
 
-    def _command(self, row: InstanceRow, kind: str, data: dict[str, Any], w: _Writes, *,
+    def _command(self, row: InstanceRow, kind: str, data: dict[str, Any], w: TurnWrites, *,
                  reissue: bool = False) -> None:
         """The work item, timer or child a recorded command stands for."""
         instance_id, execution_id, name = row.instance_id, row.execution_id, row.name
@@ -430,7 +414,7 @@ class TurnProcessor:
             w.children.append(ChildWrite(child_id, data["name"], dumps(data.get("input")), instance_id,
                                          execution_id, data["task_id"]))
 
-    async def _check_names(self, conn: Connection, w: _Writes) -> None:
+    async def _check_names(self, conn: Connection, w: TurnWrites) -> None:
         """Activities and children nobody registered fail at once instead of waiting forever."""
         unknown_work = await self._unknown(conn, "activity", {item.name for item in w.work})
         if unknown_work:
@@ -450,10 +434,10 @@ class TurnProcessor:
                 if is_reserved(child.name):  # a child graph would run SQL that nobody checked
                     err = ev.error_info("InvalidArgument", f"{child.name!r} is a built-in orchestration; "
                                         "it cannot be started as a child")
-                    w.messages.append(_child_refused(child, err))
+                    w.messages.append(child_refused(child, err))
                 elif child.name in unknown_children:
                     err = ev.error_info("UnknownNameError", f"no orchestration named {child.name!r} is registered")
-                    w.messages.append(_child_refused(child, err))
+                    w.messages.append(child_refused(child, err))
                 else:
                     kept_children.append(child)
             w.children = kept_children
@@ -467,35 +451,6 @@ class TurnProcessor:
         known.update(found)
         return set(missing) - found
 
-    async def _write(self, conn: Connection, w: _Writes) -> None:
-        if w.history:
-            await turn_store.append_history(conn, w.history)
-        if w.work:
-            await turn_store.enqueue_work(conn, w.work)
-        if w.timers:
-            await turn_store.create_timers(conn, w.timers)
-        if w.cancels:  # before this turn's children exist: those get theirs only if started before the cancel
-            await turn_store.cancel_children(conn, parent_ids=[c[0] for c in w.cancels],
-                                             payloads=[c[1] for c in w.cancels])
-        if w.children:
-            created = await turn_store.create_children(conn, w.children)
-            for child in w.children:
-                if child.instance_id not in created:
-                    err = ev.error_info("InstanceAlreadyExists", f"instance {child.instance_id!r} already exists")
-                    w.messages.append(_child_refused(child, err))
-            w.messages.extend(m for m in w.child_cancels if m.instance_id in created)
-        if w.values:
-            await turn_store.set_values(conn, w.values)
-        if w.finished:
-            await turn_store.drop_pending_work(conn, instance_ids=w.finished)
-        if w.messages:
-            await turn_store.enqueue_messages(conn, w.messages)
-        if w.updates:
-            await turn_store.update_instances(conn, w.updates)
-        if w.consumed:
-            await turn_store.delete_messages(conn, ids=w.consumed)
-
-
 def _fact(row: InstanceRow, message: Message) -> tuple[str, dict[str, Any]]:
     """A message as the event it becomes: a start also names its execution, so a saved history
     (or a fork's copy of one) says whose ``ctx.new_uuid()`` / ``ctx.random()`` stream it holds."""
@@ -508,10 +463,3 @@ def _generated_elsewhere(child_id: str, instance_id: str, task_id: int) -> bool:
     """A child id generated for another instance (``<source>:<execution>:<task_id>``): a fork's copy."""
     parts = child_id.rsplit(":", 2)
     return len(parts) == 3 and parts[0] != instance_id and parts[1].isdigit() and parts[2] == str(task_id)
-
-
-def _child_refused(child: ChildWrite, error: dict[str, object]) -> MessageWrite:
-    """The message that fails the parent task of a child that could not be started."""
-    payload = ev.child_failed(child.parent_task_id, child.instance_id, error)
-    return MessageWrite(child.parent_instance_id, child.parent_execution_id, ev.SUB_ORCHESTRATION_FAILED,
-                        dumps(payload))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import anyio
 
 
@@ -12,17 +10,19 @@ class Wakeup:
 
     A loop reads :attr:`generation` *before* it looks for work and passes it to
     :meth:`wait`, which returns at once if anything was signalled since; so a
-    signal that arrives while the loop is busy is never lost.
+    signal that arrives while the loop is busy is never lost.  :meth:`set` is
+    called once per finished activity: it only makes an event when a loop waits.
     """
 
     def __init__(self) -> None:
         self.generation = 0
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None  # made by the first waiter, replaced by each set
 
     def set(self) -> None:
         self.generation += 1
-        event, self._event = self._event, anyio.Event()
-        event.set()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
     async def wait(self, seen: int, timeout: float | None = None) -> bool:
         """Wait for a signal newer than ``seen``; False if ``timeout`` passed first."""
@@ -30,7 +30,13 @@ class Wakeup:
             return True
         if timeout is not None and timeout <= 0:
             return False
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            await self._event.wait()
+        if self._event is None:
+            self._event = anyio.Event()
+        event = self._event
+        if timeout is None:  # no cancel scope to make
+            await event.wait()
+            return True
+        with anyio.move_on_after(timeout):
+            await event.wait()
             return True
         return False

@@ -26,19 +26,21 @@ from .turn_store import enqueue_messages, lock_instance
 
 async def start(
     conn: Connection, *, instance_id: str, name: str, input_json: str, fresh_id: bool = False,
-    trace_context: dict[str, str] | None = None,
+    trace_context: dict[str, str] | None = None, deferred: bool = False,
 ) -> None:
     """Create an instance and queue its start message (the SQL client API, one statement).
 
     Raises :class:`InstanceAlreadyExists` for a taken id, except with ``fresh_id`` (an id
     this call generated: a collision can only be its own earlier, committed attempt).
     ``trace_context`` (W3C ``traceparent``/``tracestate``) is recorded with the instance.
+    ``deferred``: the start message does not NOTIFY; the caller does after (notify_store).
     """
     try:
         if trace_context is None:
-            await conn.fetchval(q("api_start"), instance_id, name, input_json)
+            await conn.fetchval(q("api_start_deferred" if deferred else "api_start"), instance_id, name, input_json)
         else:
-            await conn.fetchval(q("api_start_traced"), instance_id, name, input_json, dumps(trace_context))
+            await conn.fetchval(q("api_start_traced_deferred" if deferred else "api_start_traced"),
+                                instance_id, name, input_json, dumps(trace_context))
     except asyncpg.UniqueViolationError:
         if not fresh_id:
             raise InstanceAlreadyExists(instance_id) from None

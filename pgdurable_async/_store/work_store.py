@@ -40,14 +40,18 @@ async def extend_leases(
     await conn.execute(q("extend_leases"), tokens, lease_seconds, offset)
 
 
-async def ack_work(conn: Connection, outcomes: Sequence[Outcome]) -> int:
-    """Delete finished items still leased by us and queue their results; returns how many were acked."""
+async def ack_work(conn: Connection, outcomes: Sequence[Outcome], *, deferred: bool = False) -> int:
+    """Delete finished items still leased by us and queue their results; returns how many were acked.
+
+    ``deferred``: the result messages do not NOTIFY; the caller does after the commit (notify_store).
+    """
     rows = await conn.fetch(
         q("ack_work"),
         [o.item.id for o in outcomes],
         [o.item.lease_token for o in outcomes],
         [o.kind for o in outcomes],
         [o.payload for o in outcomes],
+        "deferred" if deferred else "",
     )
     return len(rows)
 

@@ -206,9 +206,16 @@ async def test_demo_prints_progress_and_result(dsn: str) -> None:
 
 @pytest.mark.timeout(90)
 async def test_bench_runs_from_the_checkout(pg_server: PgServer) -> None:
-    """``bench`` loads benchmarks/harness.py (not part of the package) and reports engine and floor."""
-    proc = await cli("bench", "--fanout", "50", "--workflows", "5", "--concurrency", "16", "--json",
+    """``bench`` loads benchmarks/harness.py (not part of the package) and reports engine and both floors."""
+    proc = await cli("bench", "--sizes", "50,20", "--workflows", "5", "--concurrency", "16", "--json",
                      dsn=pg_server.admin_dsn, timeout=80)
     assert proc.returncode == 0, proc.stderr
     report = orjson.loads(proc.stdout)
-    assert report["ok"] and report["engine"]["fanout_events"]["activity_completed"] == 50
+    assert report["ok"] and report["sizes"]["50"]["engine"]["fanout_events"]["activity_completed"] == 50
+    assert set(report["sizes"]["20"]) >= {"engine", "minimal_floor", "engine_floor", "ratio"}
+
+
+async def test_bench_refuses_bad_sizes_in_one_line() -> None:
+    proc = await cli("bench", "--sizes", "10,ten", timeout=30)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "--sizes" in proc.stderr

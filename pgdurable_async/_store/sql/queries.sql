@@ -11,6 +11,20 @@
 -- The SECURITY DEFINER client API (schema/0003): raises unique_violation for a taken id.
 SELECT start($2, $3::text::jsonb, $1);
 
+-- name: api_start_deferred
+-- api_start whose start message does not NOTIFY (schema 0018's pgdurable.notify): the caller
+-- notifies after the commit (notify_channels).  The FROM item is evaluated before start().
+SELECT start($2, $3::text::jsonb, $1) FROM (SELECT set_config('pgdurable.notify', 'deferred', true)) AS quiet;
+
+-- name: defer_notify
+-- The rest of this transaction's inserts do not NOTIFY: the caller does after its commit.
+SELECT set_config('pgdurable.notify', 'deferred', true);
+
+-- name: notify_channels
+-- The NOTIFYs of a committed deferred transaction, in a transaction of their own that does not
+-- wait for its WAL flush (a lost one costs a sweep's latency, never work).
+SELECT set_config('synchronous_commit', 'off', true), pg_notify(c, '') FROM unnest($1::text[]) AS c;
+
 -- name: api_submit_graph
 -- A graph instance submitted as the session's current role (schema 0009's df._submit).
 SELECT df._submit($1::text::jsonb, $2, coalesce($3, '"$user", public'), coalesce($4::text::jsonb, '{}'), $5);
@@ -128,29 +142,10 @@ WITH work AS (DELETE FROM work_queue WHERE instance_id = ANY($1::text[]))
 DELETE FROM timers WHERE instance_id = ANY($1::text[]);
 
 -- name: claim_work
--- Oldest visible items without a queue first, per activity name, along the (name, id) index.
--- (Queues, and with them priorities: claim_queued.)  num_nulls(queue) = 1 is "queue IS NULL"
--- costed like the visible_at test, so the planner checks it after that one: most rows the scan
--- passes are leased, and a leased row is then rejected before its later columns are read.
-WITH picked AS (
-    SELECT w.id FROM unnest($1::text[]) AS n(name)
-    CROSS JOIN LATERAL (
-        SELECT id FROM work_queue
-        WHERE name = n.name AND visible_at <= now() + $5::interval AND num_nulls(queue) = 1
-        ORDER BY id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    ) AS w
-    LIMIT $2
-)
-UPDATE work_queue w
-SET visible_at = now() + $5::interval + make_interval(secs => $3),
-    lease_token = gen_random_uuid(),
-    lease_owner = $4
-FROM picked
-WHERE w.id = picked.id
-RETURNING w.id, w.instance_id, w.execution_id, w.task_id, w.name, w.input, w.retry,
-          w.attempt, w.lease_token;
+-- Oldest visible items without a queue first, per activity name, along the (name, id) index
+-- (schema function claim_work, 0018: its planner settings keep that plan whatever the statistics
+-- say).  Queues, and with them priorities: claim_queued.
+SELECT * FROM claim_work($1::text[], $2, $3, $4, $5::interval);
 
 -- name: next_work_due
 -- Seconds until the earliest item without a queue becomes visible, by the database's clock.
@@ -194,8 +189,11 @@ UPDATE work_queue SET visible_at = now() + $3::interval + make_interval(secs => 
 WHERE lease_token = ANY($1::uuid[]);
 
 -- name: ack_work
--- Delete finished items still leased by us and turn them into result messages.
-WITH results AS (
+-- Delete finished items still leased by us and turn them into result messages; $5 'deferred':
+-- the insert does not NOTIFY (the caller does after the commit), '' it does.
+WITH quiet AS (
+    SELECT set_config('pgdurable.notify', $5, true) AS mode
+), results AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[])
              AS r(id, token, kind, payload)
 ), done AS (
@@ -204,7 +202,7 @@ WITH results AS (
     RETURNING w.instance_id, w.execution_id, w.orchestration, r.kind, r.payload
 )
 INSERT INTO orchestrator_queue (instance_id, execution_id, orchestration, kind, payload)
-SELECT instance_id, execution_id, orchestration, kind, payload::jsonb FROM done
+SELECT instance_id, execution_id, orchestration, kind, payload::jsonb FROM done CROSS JOIN quiet
 RETURNING 1;
 
 -- name: retry_work
@@ -687,6 +685,11 @@ SELECT max(version) FROM schema_migrations;
 -- name: api_start_traced
 -- start() that also records the caller's W3C trace context (JSON object) with the instance.
 SELECT start($2, $3::text::jsonb, $1, $4::text::jsonb);
+
+-- name: api_start_traced_deferred
+-- api_start_traced whose start message does not NOTIFY (as api_start_deferred).
+SELECT start($2, $3::text::jsonb, $1, $4::text::jsonb)
+FROM (SELECT set_config('pgdurable.notify', 'deferred', true)) AS quiet;
 
 -- name: metrics_snapshot
 -- The database-wide gauges in one row, read at most once a second per process: each queue's
