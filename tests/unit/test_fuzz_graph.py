@@ -164,8 +164,8 @@ def _seq_chain(length: int) -> Any:
     return graph
 
 
-def _check_valid(tree: Any) -> None:
-    """What the interpreter relies on in a compiled tree."""
+def _check_valid(tree: Any, bound: frozenset[str] = frozenset()) -> None:
+    """What the interpreter relies on in a compiled tree (compiled with the names ``bound``)."""
     assert isinstance(tree, dict)
     ids = set()
     depth = {tree["id"]: 1}
@@ -186,7 +186,7 @@ def _check_valid(tree: Any) -> None:
                 assert isinstance(node[key], str) and node[key]
         for child in children(node):
             depth[child["id"]] = depth[node["id"]] + 1
-    assert compile_graph(tree, bound=frozenset(_all_names(tree))) == tree  # compiling is idempotent
+    assert compile_graph(tree, bound=bound | _all_names(tree)) == tree  # compiling is idempotent
     encode({"input": {"graph": tree}}, what="graph")  # as the worker records it
 
 
@@ -226,10 +226,11 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=2000,
 @example({"type": "wait_for_signal", "name": "go", "timeout": float("inf")}, frozenset())
 @example({"type": "fan_out", "over": "input", "step": "SELECT 1", "limit": float("inf")}, frozenset({"input"}))
 @example({"type": "wait_for_schedule", "cron": "0-99999999999999 * * * *"}, frozenset())
+@example({"type": "http", "url": "SELECT $x"}, frozenset({"x"}))  # recompiled without the caller's names
 def test_random_graph_json_compiles_or_raises_graph_error(graph: Any, bound: frozenset[str]) -> None:
     outcome = _outcome(graph, bound)
     if not isinstance(outcome, GraphError):
-        _check_valid(outcome)
+        _check_valid(outcome, bound)
 
 
 @settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
@@ -245,7 +246,7 @@ def test_deep_graphs_are_refused_past_the_depth_limit(depth: int, kinds: list[st
         assert f"more than {MAX_DEPTH} nodes deep" in str(outcome)
     else:
         assert not isinstance(outcome, GraphError), f"a graph {nodes} nodes deep was refused: {outcome}"
-        _check_valid(outcome)
+        _check_valid(outcome, frozenset({"input"}))
 
 
 @settings(max_examples=15, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
