@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
+import anyio.to_thread
+
 from .._base.errors import ConfigurationError
-from .._store.cluster import EmbeddedCluster
+from .._store.cluster import EmbeddedCluster, find_pg_binaries
 from .admin import dumps
 from .demo import run_demo
 from .examples import load_example
@@ -27,8 +29,10 @@ async def database(dsn: str | None) -> AsyncIterator[str]:
     if dsn:
         yield dsn
         return
-    print(f"no --dsn or {DSN_ENV}: starting a throwaway PostgreSQL cluster ...", file=sys.stderr, flush=True)
-    async with EmbeddedCluster() as cluster:
+    binaries = await anyio.to_thread.run_sync(find_pg_binaries)
+    print(f"no --dsn or {DSN_ENV}: starting a throwaway cluster, {binaries.describe()} ...",
+          file=sys.stderr, flush=True)
+    async with EmbeddedCluster(bindir=binaries.bindir) as cluster:
         yield cluster.dsn
         print("removing the throwaway cluster ...", file=sys.stderr, flush=True)
 
