@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a graph example: document_batch, embedding_pipeline, outbox, maintenance",
     )
     p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
+    p.add_argument("--yes", action="store_true",
+                   help="run even in a database that holds tables of its own (the demos write only to schema "
+                        "pgdurable_demo and add instances to --schema)")
     p = add("bench", cmd_bench, "measure fan-out throughput", needs_dsn=False)
     p.add_argument(
         "--fanout", type=count, default=10_000, metavar="N", help="activities in the fan-out (default: %(default)s)"

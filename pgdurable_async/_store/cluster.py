@@ -30,14 +30,17 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import anyio.to_thread
+import asyncpg
 
 from .._base.errors import ConfigurationError
+from .sql_loader import q
 
 __all__ = ["PG_BIN_ENV", "EmbeddedCluster", "PgBinaries", "find_pg_binaries", "find_pg_bindir"]
 
@@ -174,6 +177,22 @@ def find_pg_binaries() -> PgBinaries:
 def find_pg_bindir() -> Path:
     """The directory holding PostgreSQL's ``initdb`` and ``pg_ctl`` (see :func:`find_pg_binaries`)."""
     return find_pg_binaries().bindir
+
+
+async def foreign_tables(dsn: str, ours: Sequence[str], *, limit: int = 6) -> list[str]:
+    """Up to ``limit`` tables of ``dsn`` outside the schemas ``ours``: none means a throwaway database.
+
+    System and extension objects do not count.  Raises :class:`ConfigurationError`
+    when the database cannot be reached.
+    """
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise ConfigurationError(f"cannot reach PostgreSQL at the given DSN: {exc}") from None
+    try:
+        return [r["name"] for r in await conn.fetch(q("foreign_tables"), list(ours), limit)]
+    finally:
+        await conn.close()
 
 
 def _free_port() -> int:
