@@ -103,7 +103,7 @@ def list_table(states: Sequence[InstanceState]) -> Table:
     table = new_table("INSTANCE ID", "NAME", "STATUS", "CREATED", "UPDATED", "ERROR")
     for s in states:
         table.add_row(s.instance_id, s.name, status_text(s.status.value), iso(s.created_at), iso(s.updated_at),
-                      Text(error_text(s.error, 60), style="red" if s.error is not None else ""))
+                      Text(error_text(s.error, 100), style="red" if s.error is not None else ""))
     return table
 
 
