@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -46,7 +46,9 @@ def emit(renderable: RenderableType, file: TextIO | None = None) -> None:
     """Print one renderable; in a pipe, each line without trailing blanks."""
     out = file if file is not None else sys.stdout
     if out.isatty():
-        console(out).print(renderable)
+        terminal = console(out)
+        _fit_last_column(renderable, terminal.width)
+        terminal.print(renderable)
         return
     buffer = io.StringIO()
     Console(file=buffer, width=_PLAIN_WIDTH, no_color=True, highlight=False, emoji=False, color_system=None,
@@ -59,9 +61,20 @@ def new_table(*headers: str, title: str | None = None) -> Table:
     """A table with a bold header and one rule under it, no outer frame."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold", title=title,
                   title_justify="left", title_style="bold")
-    for header in headers:
-        table.add_column(header, overflow="fold")
+    for i, header in enumerate(headers):  # on a narrow terminal, the last column gives way (ellipsis)
+        last = i == len(headers) - 1
+        table.add_column(header, no_wrap=i > 0, overflow="ellipsis" if last else "fold")  # ids may fold
     return table
+
+
+def _fit_last_column(renderable: RenderableType, width: int) -> None:
+    """On a terminal the last column of each table gives way: cut short with an ellipsis."""
+    tables = [renderable] if isinstance(renderable, Table) else list(getattr(renderable, "renderables", []))
+    for table in tables:
+        if isinstance(table, Table) and table.box is not None and table.columns:
+            others = sum(max([len(str(c.header)), *(len(str(x)) for x in c._cells)]) for c in table.columns[1:-1])
+            others += min(20, max([len(str(x)) for x in table.columns[0]._cells] or [0]))  # the first may fold
+            table.columns[-1].max_width = max(12, width - others - 3 * len(table.columns))
 
 
 def dumps(value: Any, *, indent: bool = False) -> str:
@@ -72,6 +85,17 @@ def dumps(value: Any, *, indent: bool = False) -> str:
 
 def iso(value: datetime | None) -> str:
     return value.isoformat(timespec="milliseconds") if value is not None else "-"
+
+
+def when(value: datetime | None, *, compact: bool) -> str:
+    """ISO 8601 in a pipe; on a terminal ``YYYY-MM-DD HH:MM:SS.mmm`` in UTC, short enough for a table."""
+    if value is None or not compact:
+        return iso(value)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def on_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def cell(value: Any, width: int = CELL) -> str:
@@ -101,8 +125,10 @@ def error_text(error: Any, width: int = CELL) -> str:
 def list_table(states: Sequence[InstanceState]) -> Table:
     """``list``: one row per instance, with its error (if it has one)."""
     table = new_table("INSTANCE ID", "NAME", "STATUS", "CREATED", "UPDATED", "ERROR")
+    compact = on_terminal()
     for s in states:
-        table.add_row(s.instance_id, s.name, status_text(s.status.value), iso(s.created_at), iso(s.updated_at),
+        table.add_row(s.instance_id, s.name, status_text(s.status.value), when(s.created_at, compact=compact),
+                      when(s.updated_at, compact=compact),
                       Text(error_text(s.error, 100), style="red" if s.error is not None else ""))
     return table
 
@@ -111,9 +137,10 @@ def history_table(events: Sequence[HistoryEvent]) -> Table:
     """``history``: one row per event, failures in red."""
     table = new_table("SEQ", "KIND", "RECORDED AT", "DATA")
     table.columns[0].justify = "right"
+    compact = on_terminal()
     for e in events:
         style = "red" if any(word in e.kind for word in _FAILURE_KINDS) else ""
-        table.add_row(str(e.seq), Text(e.kind, style=style), iso(e.recorded_at), cell(e.data))
+        table.add_row(str(e.seq), Text(e.kind, style=style), when(e.recorded_at, compact=compact), cell(e.data))
     return table
 
 
