@@ -24,17 +24,19 @@ from pgdurable_async._client.graphs import render_instance
 app = pgd.App()  # nothing of its own: the graph interpreter comes with every Runtime
 
 SETUP = """
-DROP TABLE IF EXISTS documents;
-CREATE TABLE documents (id serial PRIMARY KEY, body text NOT NULL, processed boolean NOT NULL DEFAULT false);
-INSERT INTO documents (body) SELECT 'document #' || g FROM generate_series(1, {count}) g;
+CREATE SCHEMA IF NOT EXISTS pgdurable_demo;  -- the demos' own schema: they never touch yours
+DROP TABLE IF EXISTS pgdurable_demo.documents;
+CREATE TABLE pgdurable_demo.documents (id serial PRIMARY KEY, body text NOT NULL,
+                                       processed boolean NOT NULL DEFAULT false);
+INSERT INTO pgdurable_demo.documents (body) SELECT 'document #' || g FROM generate_series(1, {count}) g;
 """
 
 START = """
 SELECT df.start(
     df.loop(
-        'SELECT id FROM documents WHERE processed = false LIMIT 100' |=> 'batch'
-        ~> 'UPDATE documents SET processed = true WHERE id IN (SELECT id FROM $batch.*)',
-        'SELECT count(*) > 0 FROM documents WHERE processed = false'
+        'SELECT id FROM pgdurable_demo.documents WHERE processed = false LIMIT 100' |=> 'batch'
+        ~> 'UPDATE pgdurable_demo.documents SET processed = true WHERE id IN (SELECT id FROM $batch.*)',
+        'SELECT count(*) > 0 FROM pgdurable_demo.documents WHERE processed = false'
     ),
     'document-batch'
 )
@@ -50,7 +52,7 @@ async def run(dsn: str, *, out: TextIO = sys.stdout, count: int = 250) -> dict[s
             instance_id = await conn.fetchval(START)
             print(f"started {instance_id} with df.start(...): {count} documents, 100 per batch", file=out)
             status = await conn.fetchval("SELECT df.await_instance($1, 60)", instance_id)
-            processed = await conn.fetchval("SELECT count(*) FROM documents WHERE processed")
+            processed = await conn.fetchval("SELECT count(*) FROM pgdurable_demo.documents WHERE processed")
             batches = await conn.fetchval(
                 "SELECT count(*) FROM pgdurable.history WHERE instance_id = $1 AND event_type = 'activity_scheduled'"
                 " AND payload->'input'->>'query' LIKE 'UPDATE %'",

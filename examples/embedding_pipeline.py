@@ -104,48 +104,50 @@ async def embed(ctx: pgd.ActivityContext, chunk: dict[str, Any]) -> dict[str, An
 
 
 pipeline = (
-    dsl.sql("SELECT id FROM docs WHERE status = 'new' ORDER BY id LIMIT $input.batch").bind("docs")
+    dsl.sql("SELECT id FROM pgdurable_demo.docs WHERE status = 'new' ORDER BY id LIMIT $input.batch").bind("docs")
     >> dsl.sql(
-        """INSERT INTO chunks (doc_id, idx, text)
+        """INSERT INTO pgdurable_demo.chunks (doc_id, idx, text)
            SELECT d.id, c.idx, c.text
            FROM $docs.* d
-           JOIN docs USING (id),
+           JOIN pgdurable_demo.docs USING (id),
            LATERAL regexp_split_to_table(docs.body, '\\.\\s*') WITH ORDINALITY AS c(text, idx)
            WHERE c.text <> ''
            ON CONFLICT (doc_id, idx) DO NOTHING"""
     )
     >> dsl.sql(
-        "SELECT c.doc_id, c.idx, c.text, d.tenant FROM chunks c JOIN docs d ON d.id = c.doc_id"
+        "SELECT c.doc_id, c.idx, c.text, d.tenant"
+        " FROM pgdurable_demo.chunks c JOIN pgdurable_demo.docs d ON d.id = c.doc_id"
         " WHERE c.doc_id IN (SELECT id FROM $docs.*) AND c.embedding IS NULL ORDER BY c.doc_id, c.idx"
     ).bind("pending")
     # Every chunk at once: the queue, not the graph, holds the API's limits (per tenant: key=).
     >> dsl.fan_out(over="pending", step=dsl.activity(embed, key="$item.tenant")).bind("vectors")
     >> dsl.sql(
-        """UPDATE chunks c
+        """UPDATE pgdurable_demo.chunks c
            SET embedding = ARRAY(SELECT jsonb_array_elements_text(v.vector)::float8),
                idempotency_key = v.key
            FROM $vectors.* v
            WHERE c.doc_id = v.doc_id AND c.idx = v.idx"""
     )
     >> dsl.sql(
-        """UPDATE docs SET status = 'embedded'
+        """UPDATE pgdurable_demo.docs SET status = 'embedded'
            WHERE id IN (SELECT id FROM $docs.*)
-             AND NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.doc_id = docs.id AND embedding IS NULL)
+             AND NOT EXISTS (SELECT 1 FROM pgdurable_demo.chunks WHERE chunks.doc_id = docs.id AND embedding IS NULL)
            RETURNING id"""
     )
 )
 app.graph("embedding_pipeline", pipeline)
 
 SETUP = """
-DROP TABLE IF EXISTS chunks; DROP TABLE IF EXISTS docs;
-CREATE TABLE docs (id int PRIMARY KEY, tenant text NOT NULL, body text NOT NULL,
+CREATE SCHEMA IF NOT EXISTS pgdurable_demo;  -- the demos' own schema: they never touch yours
+DROP TABLE IF EXISTS pgdurable_demo.chunks; DROP TABLE IF EXISTS pgdurable_demo.docs;
+CREATE TABLE pgdurable_demo.docs (id int PRIMARY KEY, tenant text NOT NULL, body text NOT NULL,
                    status text NOT NULL DEFAULT 'new');
-CREATE TABLE chunks (
-    doc_id int REFERENCES docs, idx int, text text NOT NULL,
+CREATE TABLE pgdurable_demo.chunks (
+    doc_id int REFERENCES pgdurable_demo.docs, idx int, text text NOT NULL,
     embedding float8[], idempotency_key text UNIQUE,
     PRIMARY KEY (doc_id, idx)
 );
-INSERT INTO docs (id, tenant, body)
+INSERT INTO pgdurable_demo.docs (id, tenant, body)
 SELECT g, (ARRAY['acme', 'globex', 'initech'])[1 + g % 3],
        'Document ' || g || ' opens here. It says something useful. It ends with a summary.'
 FROM generate_series(1, 6) g;
@@ -163,9 +165,9 @@ async def run(dsn: str, *, out: TextIO = sys.stdout) -> dict[str, Any]:
             marked = await handle.result(timeout=60)
             stats = await conn.fetchrow(
                 "SELECT count(*) AS chunks, count(embedding) AS embedded,"
-                " count(DISTINCT idempotency_key) AS keys FROM chunks"
+                " count(DISTINCT idempotency_key) AS keys FROM pgdurable_demo.chunks"
             )
-            docs = await conn.fetchval("SELECT count(*) FROM docs WHERE status = 'embedded'")
+            docs = await conn.fetchval("SELECT count(*) FROM pgdurable_demo.docs WHERE status = 'embedded'")
         finally:
             await conn.close()
         retried = sum(1 for e in await handle.history() if e.kind == "activity_completed"

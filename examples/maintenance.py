@@ -30,17 +30,18 @@ from pgdurable_async._client.graphs import render_instance
 SCHEDULE = "maintenance-window"
 
 SETUP = """
-DROP TABLE IF EXISTS maintenance_log; DROP TABLE IF EXISTS events_archive;
-CREATE TABLE maintenance_log (at timestamptz NOT NULL DEFAULT now(), action text NOT NULL, tables text[],
-                              approved_by text);
-CREATE TABLE events_archive (id int, body text) WITH (autovacuum_enabled = false);
-INSERT INTO events_archive SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g;
-DELETE FROM events_archive WHERE id % 3 <> 0;
-CREATE OR REPLACE FUNCTION analyze_tables(tables text[]) RETURNS int LANGUAGE plpgsql AS $$
+CREATE SCHEMA IF NOT EXISTS pgdurable_demo;  -- the demos' own schema: they never touch yours
+DROP TABLE IF EXISTS pgdurable_demo.maintenance_log; DROP TABLE IF EXISTS pgdurable_demo.events_archive;
+CREATE TABLE pgdurable_demo.maintenance_log (at timestamptz NOT NULL DEFAULT now(), action text NOT NULL,
+                                             tables text[], approved_by text);
+CREATE TABLE pgdurable_demo.events_archive (id int, body text) WITH (autovacuum_enabled = false);
+INSERT INTO pgdurable_demo.events_archive SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g;
+DELETE FROM pgdurable_demo.events_archive WHERE id % 3 <> 0;
+CREATE OR REPLACE FUNCTION pgdurable_demo.analyze_tables(tables text[]) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY coalesce(tables, '{}') LOOP
-        EXECUTE format('ANALYZE %I', t);
+        EXECUTE format('ANALYZE pgdurable_demo.%I', t);
     END LOOP;
     RETURN coalesce(cardinality(tables), 0);
 END $$;
@@ -50,20 +51,20 @@ END $$;
 def maintenance(approval_timeout: float) -> dsl.Node:
     """The graph: find bloat, wait for approval (or time out), follow up."""
     return (
-        dsl.sql("SELECT relname, n_dead_tup FROM pg_stat_user_tables WHERE n_dead_tup > 1000"
-                " ORDER BY n_dead_tup DESC").bind("bloated")
+        dsl.sql("SELECT relname, n_dead_tup FROM pg_stat_user_tables"
+                " WHERE schemaname = 'pgdurable_demo' AND n_dead_tup > 1000 ORDER BY n_dead_tup DESC").bind("bloated")
         >> dsl.if_rows(
             "bloated",
             dsl.wait_for_signal("approval", approval_timeout)
             >> dsl.if_(
                 "SELECT $approval.timed_out",
-                "INSERT INTO maintenance_log (action) VALUES ('approval timed out')",
-                """INSERT INTO maintenance_log (action, tables, approved_by)
-                   SELECT 'analyzed ' || analyze_tables(array_agg(relname::text)) || ' table(s)',
+                "INSERT INTO pgdurable_demo.maintenance_log (action) VALUES ('approval timed out')",
+                """INSERT INTO pgdurable_demo.maintenance_log (action, tables, approved_by)
+                   SELECT 'analyzed ' || pgdurable_demo.analyze_tables(array_agg(relname::text)) || ' table(s)',
                           array_agg(relname::text), $approval.by?
                    FROM $bloated.*""",
             ),
-            "INSERT INTO maintenance_log (action) VALUES ('nothing to do')",
+            "INSERT INTO pgdurable_demo.maintenance_log (action) VALUES ('nothing to do')",
         )
     )
 
@@ -81,7 +82,8 @@ async def _wait_for_stats(conn: asyncpg.Connection) -> None:
     """Statistics reach pg_stat_user_tables asynchronously; wait until the dead tuples show."""
     for _ in range(100):
         await conn.execute("SELECT pg_stat_clear_snapshot()")
-        if await conn.fetchval("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'events_archive'") or 0:
+        if await conn.fetchval("SELECT n_dead_tup FROM pg_stat_user_tables"
+                                " WHERE schemaname = 'pgdurable_demo' AND relname = 'events_archive'") or 0:
             return
         await anyio.sleep(0.1)
 
@@ -110,7 +112,8 @@ async def run(dsn: str, *, out: TextIO = sys.stdout, approve: bool = True, timeo
                       file=out)
             await handle.result(timeout=timeout + 30)
             status = (await handle.status()).status.value
-            log = [dict(r) for r in await conn.fetch("SELECT action, tables, approved_by FROM maintenance_log")]
+            log = [dict(r) for r in await conn.fetch(
+                "SELECT action, tables, approved_by FROM pgdurable_demo.maintenance_log")]
         finally:
             await conn.close()
         print(f"status: {status}; maintenance log: {log}", file=out)

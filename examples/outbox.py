@@ -58,20 +58,23 @@ async def publish(ctx: pgd.ActivityContext, message: dict[str, Any]) -> dict[str
 
 
 drain = dsl.loop(
-    dsl.sql(f"SELECT id, topic, payload FROM outbox WHERE delivered_at IS NULL ORDER BY id LIMIT {GROUP}").bind("group")
+    dsl.sql("SELECT id, topic, payload FROM pgdurable_demo.outbox"
+            f" WHERE delivered_at IS NULL ORDER BY id LIMIT {GROUP}").bind("group")
     >> dsl.if_rows(
         "group",
         dsl.fan_out(over="group", step=dsl.activity(publish), limit=5)
-        >> "UPDATE outbox SET delivered_at = now() WHERE id IN (SELECT id FROM $group.*)",  # delivery checkpoint
+        # the delivery checkpoint
+        >> "UPDATE pgdurable_demo.outbox SET delivered_at = now() WHERE id IN (SELECT id FROM $group.*)",
         dsl.break_({"drained": True}),
     )
 )
 app.graph("outbox.drain", drain)
 
 SETUP = """
-DROP TABLE IF EXISTS outbox; DROP TABLE IF EXISTS orders;
-CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL);
-CREATE TABLE outbox (
+CREATE SCHEMA IF NOT EXISTS pgdurable_demo;  -- the demos' own schema: they never touch yours
+DROP TABLE IF EXISTS pgdurable_demo.outbox; DROP TABLE IF EXISTS pgdurable_demo.orders;
+CREATE TABLE pgdurable_demo.orders (id serial PRIMARY KEY, item text NOT NULL);
+CREATE TABLE pgdurable_demo.outbox (
     id bigserial PRIMARY KEY, topic text NOT NULL, payload jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(), delivered_at timestamptz
 );
@@ -82,8 +85,10 @@ async def place_orders(conn: asyncpg.Connection, count: int) -> None:
     """One business transaction: the orders and their outbox messages."""
     async with conn.transaction():
         await conn.execute(
-            "WITH o AS (INSERT INTO orders (item) SELECT 'item ' || g FROM generate_series(1, $1) g RETURNING id)"
-            " INSERT INTO outbox (topic, payload) SELECT 'order.placed', jsonb_build_object('order_id', id) FROM o",
+            "WITH o AS (INSERT INTO pgdurable_demo.orders (item)"
+            "           SELECT 'item ' || g FROM generate_series(1, $1) g RETURNING id)"
+            " INSERT INTO pgdurable_demo.outbox (topic, payload)"
+            " SELECT 'order.placed', jsonb_build_object('order_id', id) FROM o",
             count,
         )
 
@@ -104,7 +109,7 @@ async def run(dsn: str, *, out: TextIO = sys.stdout, count: int = 110) -> dict[s
                   f"{handle.instance_id}", file=out)
             result = await handle.result(timeout=60)
             await client.pause_schedule(SCHEDULE)
-            delivered = await conn.fetchval("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
+            delivered = await conn.fetchval("SELECT count(*) FROM pgdurable_demo.outbox WHERE delivered_at IS NOT NULL")
         finally:
             await conn.close()
         groups = sum(1 for e in await handle.history()

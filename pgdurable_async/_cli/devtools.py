@@ -11,13 +11,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
+import anyio.to_thread
+
 from .._base.errors import ConfigurationError
-from .._store.cluster import EmbeddedCluster
+from .._store.cluster import EmbeddedCluster, find_pg_binaries, foreign_tables
 from .admin import dumps
 from .demo import run_demo
 from .examples import load_example
 
 DSN_ENV = "PGDURABLE_DSN"
+THROWAWAY_SETTINGS = {"pg_durable.enable_superuser_instances": "on"}
 _HARNESS = Path("benchmarks") / "harness.py"
 #: The throwaway cluster of ``bench``: statement times per activity come from pg_stat_statements.
 BENCH_SERVER_SETTINGS = {"shared_preload_libraries": "pg_stat_statements"}
@@ -29,22 +32,41 @@ async def database(dsn: str | None, settings: dict[str, str] | None = None) -> A
     if dsn:
         yield dsn
         return
-    print(f"no --dsn or {DSN_ENV}: starting a throwaway PostgreSQL cluster ...", file=sys.stderr, flush=True)
-    async with EmbeddedCluster(settings=settings) as cluster:
+    binaries = await anyio.to_thread.run_sync(find_pg_binaries)
+    print(f"no --dsn or {DSN_ENV}: starting a throwaway cluster, {binaries.describe()} ...",
+          file=sys.stderr, flush=True)
+    # the demos start graphs from SQL as the cluster's superuser: allowed on a cluster of our own only
+    async with EmbeddedCluster(bindir=binaries.bindir, settings={**THROWAWAY_SETTINGS, **(settings or {})}) as cluster:
         yield cluster.dsn
         print("removing the throwaway cluster ...", file=sys.stderr, flush=True)
 
 
+DEMO_SCHEMA = "pgdurable_demo"  # the demos' tables live here, never beside yours
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo fan-out workflow (or the graph example NAME) on an embedded runtime."""
-    if args.name:
-        example = load_example(args.name)  # fail fast, before a cluster starts
-        async with database(args.dsn) as dsn:
-            await example.run(dsn, out=sys.stdout)
-        return 0
+    example = load_example(args.name) if args.name else None  # fail fast, before a cluster starts
+    if args.dsn and not args.yes:
+        await _refuse_user_databases(args.dsn, args.schema)
     async with database(args.dsn) as dsn:
-        await run_demo(dsn, schema=args.schema, fanout=args.fanout, out=sys.stdout)
+        if example is not None:
+            await example.run(dsn, out=sys.stdout)
+        else:
+            await run_demo(dsn, schema=args.schema, fanout=args.fanout, out=sys.stdout)
     return 0
+
+
+async def _refuse_user_databases(dsn: str, schema: str) -> None:
+    """A database with tables of its own is someone's: the demos run there only with ``--yes``."""
+    found = await foreign_tables(dsn, [schema, "df", DEMO_SCHEMA])
+    if found:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ConfigurationError(
+            f"this database holds tables of its own ({shown}): the demos only write to schema {DEMO_SCHEMA} "
+            f"and add instances to {schema}, but to be safe they run here only with --yes "
+            f"(or without --dsn/{DSN_ENV}, on a throwaway cluster)"
+        )
 
 
 def load_harness() -> ModuleType:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(leaves[0], UsageError):
             _error(leaves[0])
             return 2
-        if all(isinstance(e, _EXPECTED) for e in leaves):
+        if all(isinstance(e, _EXPECTED) or _from_the_server(e) for e in leaves):
             _error(leaves[0])
             return 1
         raise
@@ -70,6 +70,11 @@ def _backend_options() -> dict[str, object]:
     return {"use_uvloop": True}
 
 
+def _from_the_server(exc: BaseException) -> bool:
+    """An error PostgreSQL reported (the driver's ``PostgresError``: a message, maybe a hint)."""
+    return type(exc).__module__.startswith("asyncpg") and hasattr(exc, "sqlstate")
+
+
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
     """The exceptions inside (possibly nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):
@@ -83,6 +88,8 @@ def _error(exc: BaseException) -> None:
     text = " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if isinstance(exc, Cancelled) and exc.reason:
         text = f"{text}: {exc.reason}"
+    elif _from_the_server(exc):
+        text = f"PostgreSQL: {' '.join(text.split())}"  # its HINT comes along
     elif not text or (isinstance(exc, OSError | ValueError) and not isinstance(exc, PgDurableError)):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     print(f"error: {text}", file=sys.stderr, flush=True)

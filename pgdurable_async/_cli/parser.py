@@ -11,6 +11,8 @@ from .._base.version import __version__
 from . import admin, lifecycle, schedules
 from .dashboard import cmd_dashboard
 from .devtools import DSN_ENV, cmd_bench, cmd_demo
+from .graphs import cmd_graph
+from .top import cmd_top
 from .worker import cmd_migrate, cmd_worker
 
 PROG = "python -m pgdurable_async"
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("history", admin.cmd_history, "show an instance's event history")
     p.add_argument("id", help="instance id")
     _json_flag(p)
+    p = add("top", cmd_top, "a live view of queue depths and ages, rates, running and failing work (Ctrl-C quits)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=positive, default=2.0, metavar="S", help="seconds between frames (default 2)")
     p = add("raise-event", admin.cmd_raise_event, "deliver an event to ctx.wait_for_event(NAME)")
     p.add_argument("id", help="instance id")
     p.add_argument("event", metavar="NAME", help="event name")
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-id", metavar="ID",
                    help="the instance the histories belong to (default: the one each history records, "
                         "else the file's name without its extension); it seeds ctx.new_uuid / ctx.random")
-    p = add("graph", admin.cmd_graph, "print a graph workflow as Mermaid with each node's state")
+    p = add("graph", cmd_graph, "print a graph workflow as Mermaid with each node's state")
     p.add_argument("id", help="instance id")
     p.add_argument("--app", metavar="MODULE:ATTR", help="the pgd.App that registered it (App.graph workflows)")
     p = add("dashboard", cmd_dashboard, "serve the web dashboard (needs the [dashboard] extra)")
@@ -139,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a graph example: document_batch, embedding_pipeline, outbox, maintenance",
     )
     p.add_argument("--fanout", type=count, default=200, metavar="N", help="activities (default: %(default)s)")
+    p.add_argument("--yes", action="store_true",
+                   help="run even in a database that holds tables of its own (the demos write only to schema "
+                        "pgdurable_demo and add instances to --schema)")
     p = add("bench", cmd_bench, "measure throughput beside the raw-SQL floors (from a source checkout)",
             needs_dsn=False)
     p.add_argument(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
@@ -15,9 +14,11 @@ import anyio
 
 from .._app import App
 from .._base.errors import ConfigurationError
+from .._base.names import is_reserved
 from .._runtime import Runtime
 from .._runtime.metrics import serve as serve_metrics
 from .._store.migrations import latest_version, migrate
+from .app_import import import_app_module
 from .supervisor import supervise
 
 log = logging.getLogger("pgdurable_async.cli")
@@ -30,10 +31,7 @@ def load_app(spec: str) -> App:
         raise ConfigurationError(f"--app {spec!r} must look like module:attribute")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} (--app {spec}): {exc}") from exc
+    obj: Any = import_app_module(module_name, spec)
     try:
         for part in (attr or "app").split("."):
             obj = getattr(obj, part)
@@ -72,8 +70,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 log.info(
                     "worker %s ready: %d orchestrations, %d activities, concurrency %d, wake %s, queues: %s",
                     runtime.worker_id,
-                    len(app.orchestrations),
-                    len(app.activities),
+                    sum(not is_reserved(name) for name in app.orchestrations),  # the app's own, not built-ins
+                    sum(not is_reserved(name) for name in app.activities),
                     args.concurrency,
                     runtime.wake if runtime.wake == "listen" else f"poll every {runtime.poll_interval:g} s",
                     ", ".join(sorted(app.queues)) or "-",

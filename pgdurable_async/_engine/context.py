@@ -14,6 +14,7 @@ from .._base import events as ev
 from .._base.errors import InvalidArgument, SerializationError
 from .._base.names import check_id, name_of
 from .._base.types import RetryPolicy
+from . import mistakes
 from .tasks import ActivityTask, AllTask, AnyTask, ChildTask, EventTask, FiberTask, Task, TimerTask
 
 if TYPE_CHECKING:
@@ -61,6 +62,11 @@ class OrchestrationContext:
         seed = hashlib.sha256(seed_key.encode()).digest()
         self._rng = _random.Random(int.from_bytes(seed[:8], "big"))
         self._uuid_counter = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name in mistakes.ACTIVITY_ONLY_FIELDS:
+            raise AttributeError(mistakes.activity_field(name))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def instance_id(self) -> str:

@@ -22,6 +22,7 @@ from .._base.errors import ActivityError, Cancelled, NonDeterminismError, Serial
 from .._base.errors import TimeoutError as DurableTimeout
 from .._base.events import error_payload
 from .._base.serde import DEFAULT_MAX_PAYLOAD_BYTES, encode, normalize
+from . import mistakes
 from .context import ContinueAsNew, OrchestrationContext
 from .lineage import generated_child_id, seed_of
 from .tasks import ActivityTask, ChildTask, EventTask, FiberTask, Task, TimerTask
@@ -437,10 +438,7 @@ class Execution:
                     continue
                 yielded._add_callback(self._waker(fiber))
                 return
-            throw = NonDeterminismError(
-                f"an orchestration may only await ctx tasks, not {type(yielded).__name__}; "
-                "do I/O in an activity, and combine tasks with ctx.all / ctx.any (not asyncio.gather / wait)"
-            )
+            throw = NonDeterminismError(mistakes.foreign_await(coro, self.ctx, yielded))
             self._fault = throw
 
     def _waker(self, fiber: _Fiber) -> Callable[[Task[Any]], None]:
@@ -455,6 +453,13 @@ class Execution:
     def _conclude(self, main: FiberTask[Any]) -> None:
         error = main._error
         if error is None:
+            unawaited = mistakes.find_task(main._result, Task)
+            if unawaited is not None:
+                if hasattr(unawaited, "close"):
+                    unawaited.close()  # a coroutine: no "never awaited" warning on top of the error
+                self._finish(ev.ORCHESTRATION_FAILED, {"error": error_payload(TypeError(
+                    mistakes.unawaited_output(unawaited)))})
+                return
             try:
                 output = self.check_payload(main._result, "orchestration output")
             except SerializationError as exc:

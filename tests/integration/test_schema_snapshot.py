@@ -75,7 +75,10 @@ def _pg_dump_program() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def pg_dump() -> str:
+def pg_dump(pg_server: PgServer) -> str:
+    own = pg_server.cluster.bindir / "pg_dump" if pg_server.cluster is not None else None
+    if own is not None and os.access(own, os.X_OK):  # the throwaway cluster's own (the wheel's on PostgreSQL 18)
+        return str(own)
     program = _pg_dump_program()
     if program is None:
         pytest.skip("no pg_dump found (neither /usr/lib/postgresql/*/bin/pg_dump nor pg_dump on PATH)")

