@@ -8,6 +8,9 @@
 --   * df.start refused for a superuser names pg_durable.enable_superuser_instances in the message
 --     itself, not only in the hint.
 
+SELECT pg_advisory_xact_lock(hashtext('pgdurable_async:df'));  -- `df` is shared by all pgdurable schemas
+SELECT set_config('search_path', current_schema() || ', pg_temp', true);
+
 -- Node states and their lineage stamps (see 0014 for the inference rules).
 CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
