@@ -1,6 +1,6 @@
 -- pgdurable_async: the current schema, in one file.
 --
--- A SNAPSHOT for reading: the final state of migrations 0001..0018, each object defined
+-- A SNAPSHOT for reading: the final state of migrations 0001..0019, each object defined
 -- once, as the last migration left it, grouped by concern:
 --   1. migration bookkeeping       5. client API (start, send, raise_event, cancel, fork)
 --   2. tables                      6. roles and grants (grant_client, grant_worker)
@@ -1766,7 +1766,7 @@ BEGIN
         PERFORM df._check_policy(NEW.graph, NEW.requested_by);
         IF EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = NEW.requested_by AND r.rolsuper)
            AND NOT df._setting_on('pg_durable.enable_superuser_instances') THEN
-            RAISE EXCEPTION 'df.start: role % is a superuser, and superuser instances are disabled',
+            RAISE EXCEPTION 'df.start: role % is a superuser, and superuser instances are disabled (pg_durable.enable_superuser_instances is off)',
                 NEW.requested_by::regrole USING ERRCODE = 'insufficient_privilege',
                 HINT = 'start graphs as an ordinary role, or set pg_durable.enable_superuser_instances = on';
         END IF;
@@ -2083,6 +2083,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
     WHERE i.instance_id = _instance_graph.instance_id AND df._visible(i.instance_id);
 $$;
 
+-- status_details->>'execution_id' is pg_durable's lineage stamp: the instance id and the node's
+-- execution, then `::<node id>::<generation>` per scope around the node (a JOIN or RACE branch,
+-- a loop off the root spine; the loop and its body share its scope; a loop's generation is its
+-- iteration from 1, a branch's 1).
 CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
                status text, result text, status_details text, inferred_status text,
@@ -2100,8 +2104,7 @@ BEGIN
             USING ERRCODE = 'no_data_found';
     END IF;
     finished := is_finished(inst.status);
-    -- loops that continue as new (the root, or a step of a root sequence) are stamped <id>::<execution>,
-    -- any other loop as pg_durable stamps the child instance it runs a loop in
+    -- loops that continue as new (the root, or a step of a root sequence) run in the instance's own scope
     spine := ARRAY['n0'] || CASE WHEN inst.input->'graph'->>'type' = 'seq' AND NOT inst.input->'graph' ? 'result_name'
                                  THEN ARRAY(SELECT 'n0.' || (k - 1) FROM generate_series(1,
                                             jsonb_array_length(inst.input->'graph'->'steps')) k)
@@ -2115,11 +2118,13 @@ BEGIN
         FROM history h
         WHERE h.instance_id = inst.instance_id AND h.event_type = 'graph_node'
         ORDER BY h.payload->>'node', h.execution_id DESC, h.seq DESC
-    ), iterations AS (
-        SELECT h.payload->>'node' AS node_id, max((h.execution_id::bigint << 32) + h.seq) AS at
+    ), iters AS (  -- every iteration of every loop
+        SELECT h.payload->>'node' AS node_id, (h.execution_id::bigint << 32) + h.seq AS at,
+               (h.payload->>'iteration')::bigint AS iteration
         FROM history h
         WHERE h.instance_id = inst.instance_id AND h.event_type = 'graph_node' AND h.payload ? 'iteration'
-        GROUP BY h.payload->>'node'
+    ), iterations AS (
+        SELECT i.node_id, max(i.at) AS at FROM iters i GROUP BY i.node_id
     ), acts AS (  -- a history recorded before node facts existed
         SELECT DISTINCT ON (s.payload->'input'->>'node') s.payload->'input'->>'node' AS node_id,
                jsonb_strip_nulls(jsonb_build_object(
@@ -2145,14 +2150,19 @@ BEGIN
         FROM g LEFT JOIN known k ON k.node_id = g.node_id
     ), walk AS (
         SELECT p.node_id, NULL::text AS decided_from, NULL::bigint AS loop_at, NULL::text AS loop_id,
-               false AS superseded, p.state IN ('completed', 'failed') AS terminal
+               false AS superseded, p.state IN ('completed', 'failed') AS terminal,
+               p.node->>'type' AS kind, ARRAY[]::text[] AS scopes
         FROM phys p WHERE p.parent_id IS NULL
         UNION ALL
         SELECT c.node_id,
                CASE WHEN w.terminal AND NOT w.superseded THEN w.node_id ELSE w.decided_from END,
                x.loop_at, x.loop_id,
                coalesce(c.at < x.loop_at, false),
-               c.state IN ('completed', 'failed')
+               c.state IN ('completed', 'failed'),
+               c.node->>'type',
+               w.scopes || CASE WHEN w.kind IN ('join', 'race')
+                                     OR (c.node->>'type' = 'loop' AND NOT c.node_id = ANY (spine))
+                                THEN ARRAY[c.node_id] ELSE ARRAY[]::text[] END
         FROM walk w
         JOIN phys c ON c.parent_id = w.node_id
         CROSS JOIN LATERAL (
@@ -2175,10 +2185,12 @@ BEGIN
            CASE p.state WHEN 'completed' THEN (p.fact->'result')::text
                         WHEN 'failed' THEN to_jsonb(coalesce(p.fact->>'error', 'failed'))::text END,
            CASE WHEN p.execution_id IS NULL THEN NULL
-                WHEN p.node->>'type' = 'loop' AND NOT p.node_id = ANY (spine)
-                THEN jsonb_build_object('execution_id', inst.instance_id || '::' || p.execution_id || '::'
-                                                        || left(md5(p.node_id), 8) || '::1')::text
-                ELSE jsonb_build_object('execution_id', inst.instance_id || '::' || p.execution_id)::text END,
+                ELSE jsonb_build_object('execution_id', inst.instance_id || '::' || p.execution_id || coalesce(
+                    (SELECT string_agg('::' || s.id || '::' || CASE WHEN sg.node->>'type' = 'loop'
+                         THEN 1 + coalesce((SELECT it.iteration FROM iters it WHERE it.node_id = s.id AND it.at <= p.at
+                                            ORDER BY it.at DESC LIMIT 1), 0)
+                         ELSE 1 END, '' ORDER BY s.ord)
+                     FROM unnest(w.scopes) WITH ORDINALITY s(id, ord) JOIN g sg ON sg.node_id = s.id), ''))::text END,
            CASE WHEN w.terminal AND NOT w.superseded THEN p.state
                 WHEN w.decided_from IS NOT NULL OR finished THEN 'skipped'
                 WHEN w.superseded THEN 'pending'

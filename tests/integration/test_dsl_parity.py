@@ -138,7 +138,8 @@ async def test_a_loop_that_loses_a_race_ends_failed_with_the_reason(dsn: str) ->
         assert loop["status"] == loop["inferred_status"] == "failed"
         assert await env.val("SELECT error FROM df.nodes WHERE instance_id = $1 AND id = 'n0.0.1'",
                              instance_id) == "cancelled: lost the race to branch 1"
-        assert json.loads(loop["status_details"])["execution_id"].startswith(f"{instance_id}::1::")
+        # stamped by the parent for the branch's loop child: its scope, in its first generation
+        assert json.loads(loop["status_details"])["execution_id"] == f"{instance_id}::1::n0.0.1::1"
         assert await env.val("SELECT count(*) FROM after_the_race") == 0  # the loser stopped: it ran on before
 
 
