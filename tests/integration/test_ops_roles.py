@@ -73,7 +73,7 @@ async def test_roles_granted_before_migration_16_may_start_with_a_trace_context(
         await owner.execute(f'CREATE ROLE "{client_role}" LOGIN')
         await owner.execute("SELECT pgdurable.grant_client($1)", client_role)
         monkeypatch.undo()
-        assert await migrator.migrate(empty_dsn) == [ops]
+        assert await migrator.migrate(empty_dsn) == [m.version for m in shipped if m.version >= ops]
         parts = urlsplit(empty_dsn)
         conn = await asyncpg.connect(urlunsplit(parts._replace(netloc=f"{client_role}@{parts.hostname}:{parts.port}")))
         try:
