@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,11 +25,33 @@ class WorkerProcess:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         full_env.pop("PGDURABLE_DSN", None)
         with log_path.open("ab") as log:
+            # A prefix (faketime) runs the worker as its child: signals go to the process group, so
+            # the worker itself gets them (and is not left running once the test is over).
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "pgdurable_async", "worker", "--app", app, "--dsn", dsn, *extra],
-                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=bool(prefix),
             )
         self.pid = self.proc.pid
+        self._group = bool(prefix)
+
+    def _running(self) -> bool:
+        """The worker is still running (with a prefix: anything of its process group)."""
+        if self.proc.poll() is None:
+            return True
+        if not self._group:
+            return False
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _signal(self, signum: int) -> None:
+        if self._group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -41,23 +64,23 @@ class WorkerProcess:
                 await anyio.sleep(0.05)
 
     def freeze(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: no drain, no cleanup, whatever it was doing."""
-        self.proc.send_signal(signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     async def stop(self, timeout: float = 40) -> int:
         """SIGTERM (graceful drain, which flushes pending acks); returns the exit code."""
         if self.proc.poll() is None:
             self.thaw()
-            self.proc.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             with anyio.move_on_after(timeout):
-                while self.proc.poll() is None:
+                while self._running():
                     await anyio.sleep(0.05)
         return self.close()
 
@@ -65,5 +88,9 @@ class WorkerProcess:
         """Reap the process, killing it if it is still running."""
         if self.proc.poll() is None:
             self.thaw()
-            self.proc.kill()
-        return self.proc.wait(timeout=10)
+            self._signal(signal.SIGKILL)
+        code = self.proc.wait(timeout=10)
+        if self._group:  # the prefix has exited: whatever of its group is left goes too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return code
