@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import asyncpg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +97,24 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         return code
+
+
+@contextlib.contextmanager
+def reaped() -> Iterator[list[WorkerProcess]]:
+    """A list to put started workers in: each is reaped (killed if still running) at the end."""
+    started: list[WorkerProcess] = []
+    try:
+        yield started
+    finally:
+        for worker in started:
+            worker.close()
+
+
+async def sql_rows(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """``query``'s rows, on a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
+    finally:
+        await conn.close()

@@ -7,8 +7,6 @@ really ran, whichever process ran it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import pytest
 
 import pgdurable_async as pgd
 from tests.acceptance.flow_app import RUNS
-from tests.workers import WorkerProcess
+from tests.workers import WorkerProcess, reaped
+from tests.workers import sql_rows as _sql
 
 APP = "tests.acceptance.flow_app:app"
 pytestmark = pytest.mark.timeout(90)
@@ -27,25 +26,6 @@ pytestmark = pytest.mark.timeout(90)
 
 def Worker(dsn: str, tmp: Path, name: str) -> WorkerProcess:  # noqa: N802 - reads as a class
     return WorkerProcess(dsn, APP, tmp / f"{name}.log", "--concurrency", "8", env={"PGDURABLE_FLOW_DSN": dsn})
-
-
-@contextmanager
-def reaped() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    try:
-        yield started
-    finally:
-        for worker in started:
-            worker.close()
-
-
-async def _sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-        return rows
-    finally:
-        await conn.close()
 
 
 async def _two_workers(dsn: str, tmp: Path, started: list[WorkerProcess]) -> tuple[WorkerProcess, WorkerProcess]:

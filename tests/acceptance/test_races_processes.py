@@ -8,18 +8,17 @@ thawed (SIGCONT) its late result must be ignored, never applied a second time.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
-import asyncpg
 import orjson
 import pytest
 
 import pgdurable_async as pgd
 from tests.workers import WorkerProcess
+from tests.workers import reaped as workers
+from tests.workers import sql_rows as _sql
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.acceptance.race_app:app"
@@ -28,25 +27,6 @@ APP = "tests.acceptance.race_app:app"
 def Worker(dsn: str, tmp: Path, name: str, *extra: str) -> WorkerProcess:  # noqa: N802 - reads as a class
     """A race-app worker logging to ``tmp/name.log``."""
     return WorkerProcess(dsn, APP, tmp / f"{name}.log", *extra, env={"PGDURABLE_RACE_MARKERS": str(tmp / "markers")})
-
-
-@contextmanager
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    try:
-        yield started
-    finally:
-        for worker in started:
-            worker.close()
-
-
-async def _sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-        return rows
-    finally:
-        await conn.close()
 
 
 async def _history(dsn: str, instance_id: str) -> list[tuple[int, str, dict[str, Any]]]:
