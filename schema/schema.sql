@@ -1503,7 +1503,7 @@ $$;
 -- Validation at start
 -- Depth as pg_durable counts it: a sequence of n steps is the chain of n - 1 binary `~>` nodes
 -- it is written with, so the same graphs are accepted (and refused past 256 levels).
--- (jit is off here and in df._instance_nodes: a recursive query is costed high, and compiling it
+-- (jit is off here and in df._node_rows: a recursive query is costed high, and compiling it
 -- takes seconds where running it takes milliseconds.)
 CREATE OR REPLACE FUNCTION df._check_depth(graph jsonb) RETURNS void LANGUAGE plpgsql IMMUTABLE SET jit TO off AS $$
 DECLARE
@@ -1858,12 +1858,19 @@ END $$;
 
 -- --------------------------------------------------------------------------------------
 -- 7.6 df: monitoring, signals and cancellation
+-- The first 8 hex digits of md5(<instance id>:<path>).
+CREATE OR REPLACE FUNCTION df._node_key(instance_id text, path text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT left(md5(instance_id || ':' || path), 8);
+$$;
+
+
 -- Monitoring.  An instance whose submitting role was dropped stays listed (its submitted_by shows
 -- the role's number), visible to superusers.
 CREATE OR REPLACE VIEW df.instances WITH (security_barrier) AS
 SELECT i.instance_id::varchar(8)                       AS id,
        i.input->>'label'                               AS label,
-       'n0'::varchar(8)                                AS root_node,
+       df._node_key(i.instance_id, 'n0')::varchar(8) AS root_node,
        i.status,
        i.submitted_by::regrole                         AS submitted_by,
        current_database()::text COLLATE "default"      AS database,
@@ -2017,6 +2024,16 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT * FROM walk;
 $$;
 
+-- Every node path of an instance's graph mapped to its 8-hex id (see the header for collisions).
+CREATE OR REPLACE FUNCTION df._node_ids(instance_id text, graph jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_object_agg(k.node_id, CASE WHEN k.rank = 1 THEN k.key
+                                                     ELSE df._node_key(instance_id, k.node_id || '#' || k.rank) END),
+                    '{}'::jsonb)
+    FROM (SELECT g.node_id, h.key, row_number() OVER (PARTITION BY h.key ORDER BY g.node_id) AS rank
+          FROM df._graph_nodes(graph) g CROSS JOIN LATERAL (SELECT df._node_key(instance_id, g.node_id) AS key) h) k;
+$$;
+
 -- Node states: read from the graph_node facts the interpreter records (every execution's), a
 -- SQL or HTTP node of a history older than those facts from its activity's events.  Then, as
 -- pg_durable infers them, top down: a node that finished in the current iteration of every loop
@@ -2035,7 +2052,7 @@ CREATE OR REPLACE FUNCTION df._seconds(v jsonb) RETURNS text LANGUAGE sql IMMUTA
                 THEN trunc((v::text)::numeric)::text ELSE v #>> '{}' END;
 $$;
 
-CREATE OR REPLACE FUNCTION df._node_config(n jsonb, node_id text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION df._node_config(n jsonb, node_id text, ids jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE n->>'type'
         WHEN 'sql' THEN n->>'query'
         WHEN 'sleep' THEN df._seconds(n->'seconds')
@@ -2046,18 +2063,18 @@ CREATE OR REPLACE FUNCTION df._node_config(n jsonb, node_id text) RETURNS text L
         WHEN 'http_multipart' THEN jsonb_build_object('url', n->>'url', 'method', n->>'method', 'parts', n->'parts',
                                                       'headers', n->'headers', 'timeout_seconds', n->'timeout')::text
         WHEN 'break' THEN jsonb_build_object('break_value', n->'value')::text
-        WHEN 'if' THEN jsonb_build_object('condition_node', node_id || '.0')::text
+        WHEN 'if' THEN jsonb_build_object('condition_node', ids->>(node_id || '.0'))::text
         WHEN 'if_rows' THEN (jsonb_build_object('condition_type', 'result_has_rows', 'result_name', n->>'name')
                              || CASE WHEN jsonb_typeof(n->'cond') = 'object'
-                                     THEN jsonb_build_object('condition_node', node_id || '.0')
+                                     THEN jsonb_build_object('condition_node', ids->>(node_id || '.0'))
                                      ELSE '{}'::jsonb END)::text
         WHEN 'loop' THEN CASE WHEN jsonb_typeof(n->'cond') = 'object'
-                              THEN jsonb_build_object('condition_node', node_id || '.1')::text END
+                              THEN jsonb_build_object('condition_node', ids->>(node_id || '.1'))::text END
         WHEN 'join' THEN CASE WHEN jsonb_array_length(n->'branches') > 2
-                              THEN jsonb_build_object('extra_nodes', (SELECT jsonb_agg(node_id || '.' || k)
+                              THEN jsonb_build_object('extra_nodes', (SELECT jsonb_agg(ids->>(node_id || '.' || k) ORDER BY k)
                                   FROM generate_series(2, jsonb_array_length(n->'branches') - 1) k))::text END
         WHEN 'seq' THEN CASE WHEN jsonb_array_length(n->'steps') > 2
-                             THEN jsonb_build_object('steps', (SELECT jsonb_agg(node_id || '.' || k)
+                             THEN jsonb_build_object('steps', (SELECT jsonb_agg(ids->>(node_id || '.' || k) ORDER BY k)
                                  FROM generate_series(0, jsonb_array_length(n->'steps') - 1) k))::text END
         WHEN 'call' THEN jsonb_build_object('name', n->>'name', 'input', n->'input')::text
         WHEN 'activity' THEN jsonb_build_object('name', n->>'name', 'input', n->'input')::text
@@ -2087,16 +2104,17 @@ $$;
 -- execution, then `::<node id>::<generation>` per scope around the node (a JOIN or RACE branch,
 -- a loop off the root spine; the loop and its body share its scope; a loop's generation is its
 -- iteration from 1, a branch's 1).
-CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
+CREATE OR REPLACE FUNCTION df._node_rows(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
                status text, result text, status_details text, inferred_status text,
-               inferred_status_from_ancestor_id text, updated_at timestamptz, error text)
+               inferred_status_from_ancestor_id text, updated_at timestamptz, error text, path text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT SET jit TO off AS $$
 #variable_conflict use_column
 DECLARE
     inst record;
     finished boolean;
     spine text[];
+    ids jsonb;
 BEGIN
     SELECT i.* INTO inst FROM instances i WHERE i.instance_id = instance_id_param AND df._visible(i.instance_id);
     IF NOT FOUND THEN
@@ -2104,6 +2122,7 @@ BEGIN
             USING ERRCODE = 'no_data_found';
     END IF;
     finished := is_finished(inst.status);
+    ids := df._node_ids(inst.instance_id, inst.input->'graph');
     -- loops that continue as new (the root, or a step of a root sequence) run in the instance's own scope
     spine := ARRAY['n0'] || CASE WHEN inst.input->'graph'->>'type' = 'seq' AND NOT inst.input->'graph' ? 'result_name'
                                  THEN ARRAY(SELECT 'n0.' || (k - 1) FROM generate_series(1,
@@ -2173,20 +2192,20 @@ BEGIN
             FROM (SELECT max(i.at) AS at FROM iterations i WHERE i.node_id = w.node_id) it
         ) x
     )
-    SELECT p.node_id,
+    SELECT ids->>p.node_id,
            df._node_type(p.node),
-           df._node_config(p.node, p.node_id),
+           df._node_config(p.node, p.node_id, ids),
            CASE WHEN p.node->>'type' = 'bind' THEN p.node->>'name' ELSE p.node->>'result_name' END,
-           (SELECT min(c.node_id) FROM g c WHERE c.parent_id = p.node_id
+           ids->>(SELECT min(c.node_id) FROM g c WHERE c.parent_id = p.node_id
                 AND c.pos = CASE p.node->>'type' WHEN 'if' THEN 1 WHEN 'if_rows' THEN 1 ELSE 0 END),
-           (SELECT min(c.node_id) FROM g c WHERE c.parent_id = p.node_id
+           ids->>(SELECT min(c.node_id) FROM g c WHERE c.parent_id = p.node_id
                 AND c.pos = CASE p.node->>'type' WHEN 'if' THEN 2 WHEN 'if_rows' THEN 2 WHEN 'loop' THEN -1 ELSE 1 END),
            p.state,
            CASE p.state WHEN 'completed' THEN (p.fact->'result')::text
                         WHEN 'failed' THEN to_jsonb(coalesce(p.fact->>'error', 'failed'))::text END,
            CASE WHEN p.execution_id IS NULL THEN NULL
                 ELSE jsonb_build_object('execution_id', inst.instance_id || '::' || p.execution_id || coalesce(
-                    (SELECT string_agg('::' || s.id || '::' || CASE WHEN sg.node->>'type' = 'loop'
+                    (SELECT string_agg('::' || (ids->>s.id) || '::' || CASE WHEN sg.node->>'type' = 'loop'
                          THEN 1 + coalesce((SELECT it.iteration FROM iters it WHERE it.node_id = s.id AND it.at <= p.at
                                             ORDER BY it.at DESC LIMIT 1), 0)
                          ELSE 1 END, '' ORDER BY s.ord)
@@ -2196,15 +2215,26 @@ BEGIN
                 WHEN w.superseded THEN 'pending'
                 WHEN p.state = 'running' THEN 'running'
                 ELSE 'pending' END,
-           CASE WHEN w.terminal AND NOT w.superseded THEN NULL
-                WHEN w.decided_from IS NOT NULL THEN w.decided_from
-                WHEN finished THEN CASE WHEN p.node_id <> 'n0' THEN 'n0' END
-                WHEN w.superseded THEN w.loop_id END,
+           ids->>CASE WHEN w.terminal AND NOT w.superseded THEN NULL
+                      WHEN w.decided_from IS NOT NULL THEN w.decided_from
+                      WHEN finished THEN CASE WHEN p.node_id <> 'n0' THEN 'n0' END
+                      WHEN w.superseded THEN w.loop_id END,
            coalesce(p.recorded_at, inst.created_at),
-           p.fact->>'error'
+           p.fact->>'error',
+           p.node_id
     FROM phys p JOIN walk w ON w.node_id = p.node_id
     ORDER BY p.node_id;
 END $$;
+
+CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
+RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
+               status text, result text, status_details text, inferred_status text,
+               inferred_status_from_ancestor_id text, updated_at timestamptz, error text)
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result,
+           n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at, n.error
+    FROM df._node_rows(instance_id_param) n;
+$$;
 
 CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
@@ -2217,13 +2247,12 @@ LANGUAGE sql VOLATILE STRICT AS $$
 $$;
 
 -- Every node of every visible instance (computed per instance), pg_durable's columns first.
--- Node ids are paths in the graph (n0, n0.1, ...), not pg_durable's 8-hex row ids.
 CREATE OR REPLACE VIEW df.nodes AS
 SELECT n.node_id::text AS id, i.id AS instance_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
        n.status, n.result::jsonb AS result, n.error, i.submitted_by, i.database, i.created_at, n.updated_at,
        n.status_details::jsonb AS status_details, n.inferred_status, n.inferred_status_from_ancestor_id
 FROM df.instances i
-CROSS JOIN LATERAL df._instance_nodes(i.id) n;
+CROSS JOIN LATERAL df._node_rows(i.id) n;
 
 -- --------------------------------------------------------------------------------------
 -- 7.8 df: more monitoring
@@ -2442,7 +2471,7 @@ BEGIN
         IF NOT FOUND THEN
             RETURN format('Instance ''%s'' not found', expr);
         END IF;
-        SELECT jsonb_object_agg(n.node_id, n.inferred_status) INTO states FROM df.instance_nodes(expr) n;
+        SELECT jsonb_object_agg(n.path, n.inferred_status) INTO states FROM df._node_rows(expr) n;
         header := 'Instance: ' || inst.id || coalesce(' (' || inst.label || ')', '') || E'\n'
             || 'Status:   ' || CASE WHEN inst.status = 'completed' THEN '✓'
                                     WHEN inst.status IN ('failed', 'cancelled', 'terminated') THEN '✗'

@@ -126,7 +126,8 @@ async def test_state_reads_see_what_await_instance_waited_for(dsn: str) -> None:
                 ("created_at", "timestamp with time zone"), ("updated_at", "timestamp with time zone"),
                 ("completed_at", "timestamp with time zone")]
             inst = await conn.fetchrow("SELECT * FROM df.instances WHERE id = $1", instance_id)
-            assert inst["root_node"] == "n0" and inst["database"] == await conn.fetchval("SELECT current_database()")
+            root = await conn.fetchval("SELECT node_id FROM df._node_rows($1) WHERE path = 'n0'", instance_id)
+            assert inst["root_node"] == root and inst["database"] == await conn.fetchval("SELECT current_database()")
             types = dict(await conn.fetch(
                 "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
                 " WHERE attrelid = 'df.nodes'::regclass AND attnum > 0"))

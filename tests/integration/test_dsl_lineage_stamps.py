@@ -1,7 +1,8 @@
 """pg_durable's lineage stamps in ``df.nodes.status_details``: the scope a node ran in, then its generation.
 
 A stamp is the instance id and the node's execution, then ``::<node id>::<generation>`` for each
-JOIN or RACE branch and each loop off the root spine around the node.  Each test starts a graph
+JOIN or RACE branch and each loop off the root spine around the node; node ids are pg_durable's
+8 hex digits (the tests read them back as graph paths to say which node is meant).  Each test starts a graph
 from SQL (``df.start``) against a real database and a worker in this process, and reads every
 node's stamp back from ``df.instance_nodes``.
 """
@@ -9,6 +10,7 @@ node's stamp back from ``df.instance_nodes``.
 from __future__ import annotations
 
 import json
+import re
 
 import asyncpg
 
@@ -20,10 +22,27 @@ TWICE = ("df.loop('INSERT INTO ticks VALUES (1)'"
 
 
 async def stamps(conn: asyncpg.Connection, instance_id: str) -> dict[str, str | None]:
-    """Node id -> its execution stamp (None for a node that never ran)."""
+    """Node path -> its execution stamp (None for a node that never ran), the stamp's ids read as paths.
+
+    The stamps and ids are df.instance_nodes' (8 hex digits per node, as in pg_durable); each scope
+    token of a stamp must be the id of a node of the instance, and is shown here as that node's path.
+    """
     rows = await conn.fetch("SELECT node_id, status_details FROM df.instance_nodes($1)", instance_id)
-    return {r["node_id"]: None if r["status_details"] is None else json.loads(r["status_details"])["execution_id"]
-            for r in rows}
+    path_of = {r["node_id"]: r["path"] for r in await conn.fetch("SELECT node_id, path FROM df._node_rows($1)",
+                                                                 instance_id)}
+    got: dict[str, str | None] = {}
+    for r in rows:
+        assert re.fullmatch("[0-9a-f]{8}", r["node_id"])
+        if r["status_details"] is None:
+            got[path_of[r["node_id"]]] = None
+            continue
+        tokens = json.loads(r["status_details"])["execution_id"].split("::")
+        assert tokens[0] == instance_id and len(tokens) % 2 == 0
+        for k in range(2, len(tokens), 2):  # instance::execution then node id::generation per scope
+            assert re.fullmatch("[0-9a-f]{8}", tokens[k]), tokens
+            tokens[k] = path_of[tokens[k]]
+        got[path_of[r["node_id"]]] = "::".join(tokens)
+    return got
 
 
 async def test_a_loop_in_a_join_branch_is_its_own_scope_and_its_body_shares_it(dsn: str) -> None:

@@ -7,6 +7,7 @@ process, and reads them back the way pg_durable's monitoring SQL does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from typing import Any
@@ -21,7 +22,15 @@ from tests.integration.test_dsl_sql import cell, environment, http_server
 
 
 async def nodes(conn: asyncpg.Connection, instance_id: str) -> dict[str, asyncpg.Record]:
-    return {r["node_id"]: r for r in await conn.fetch("SELECT * FROM df.instance_nodes($1)", instance_id)}
+    """df.instance_nodes' rows (8-hex ids, as pg_durable names nodes) keyed by each node's graph path."""
+    public = {r["node_id"]: r for r in await conn.fetch("SELECT * FROM df.instance_nodes($1)", instance_id)}
+    paths = dict(await conn.fetch("SELECT node_id, path FROM df._node_rows($1)", instance_id))
+    assert public.keys() == paths.keys()
+    return {paths[node_id]: row for node_id, row in public.items()}
+
+
+def hex_id(rows: dict[str, asyncpg.Record], path: str) -> str:
+    return str(rows[path]["node_id"])
 
 
 # -- node states are recorded facts -------------------------------------------------------------
@@ -41,11 +50,12 @@ async def test_node_states_come_from_recorded_facts(dsn: str) -> None:
     assert rows["n0.0"]["node_type"] == "SQL" and rows["n0.0"]["result_name"] == "a"
     assert json.loads(rows["n0.0"]["result"]) == {"rows": [{"answer": 41}], "row_count": 1}
     assert rows["n0.1"]["node_type"] == "SLEEP" and rows["n0.1"]["query"] == "0"
-    assert rows["n0.2"]["node_type"] == "IF" and json.loads(rows["n0.2"]["query"]) == {"condition_node": "n0.2.0"}
-    assert rows["n0.2"]["left_node"] == "n0.2.1" and rows["n0.2"]["right_node"] == "n0.2.2"
+    assert rows["n0.2"]["node_type"] == "IF"
+    assert json.loads(rows["n0.2"]["query"]) == {"condition_node": hex_id(rows, "n0.2.0")}
+    assert rows["n0.2"]["left_node"] == hex_id(rows, "n0.2.1") and rows["n0.2"]["right_node"] == hex_id(rows, "n0.2.2")
     assert json.loads(rows["n0.2"]["result"])["rows"] == [{"?column?": "big"}]  # an IF carries its branch's result
     assert rows["n0.2.2"]["status"] == "pending" and rows["n0.2.2"]["inferred_status"] == "skipped"
-    assert rows["n0.2.2"]["inferred_status_from_ancestor_id"] == "n0.2"
+    assert rows["n0.2.2"]["inferred_status_from_ancestor_id"] == hex_id(rows, "n0.2")
     assert json.loads(rows["n0.0"]["status_details"]) == {"execution_id": f"{instance_id}::1"}
 
 
@@ -58,7 +68,7 @@ async def test_mermaid_and_df_nodes_read_the_same_truth(dsn: str) -> None:
         tree = graph_for(state)
         assert tree is not None
         python_side = node_states(state, await client.history(instance_id), tree)
-        sql_side = {r["node_id"]: r["inferred_status"] for r in (await nodes(env.conn, instance_id)).values()}
+        sql_side = {path: r["inferred_status"] for path, r in (await nodes(env.conn, instance_id)).items()}
         picture = await render_instance(client, instance_id)
     assert python_side == sql_side
     assert sql_side["n0.1.1"] == "skipped"  # the race's losing sleep
@@ -88,6 +98,54 @@ async def test_what_an_instance_is_waiting_on(dsn: str) -> None:
         assert await env.val("SELECT df.await_instance($1)", instance_id) == "cancelled"
 
 
+# -- node ids ----------------------------------------------------------------------------------------
+async def test_node_ids_are_eight_hex_digits_unique_stable_and_referenced_by_id(dsn: str) -> None:
+    graph = ("'SELECT 1' ~> df.join3('SELECT 2', 'SELECT 3', df.seq('SELECT 7', 'SELECT 8', 'SELECT 9'))"
+             " ~> df.if('SELECT true', 'SELECT 5', 'SELECT 6') ~> df.loop('SELECT 10', 'SELECT false')")
+    async with environment(dsn) as env:
+        first, second = await env.start(graph), await env.start(graph)
+        for instance_id in (first, second):
+            assert await env.val("SELECT df.await_instance($1)", instance_id) == "completed"
+        rows = await nodes(env.conn, first)
+        again = await nodes(env.conn, first)
+        other = await nodes(env.conn, second)
+        root = await env.val("SELECT root_node FROM df.instances WHERE id = $1", first)
+        relation = {r["id"] for r in await env.conn.fetch("SELECT id FROM df.nodes WHERE instance_id = $1", first)}
+    ids = {path: str(r["node_id"]) for path, r in rows.items()}
+    assert all(len(i) == 8 and set(i) <= set("0123456789abcdef") for i in ids.values())
+    assert len(set(ids.values())) == len(ids) == 16 and relation == set(ids.values())
+    assert {p: str(r["node_id"]) for p, r in again.items()} == ids  # the same on every read
+    assert not set(ids.values()) & {str(r["node_id"]) for r in other.values()}  # another instance, other ids
+    assert root == ids["n0"]
+    # every reference to another node names it by its id
+    join, seq, if_, loop = (json.loads(rows[p]["query"]) for p in ("n0.1", "n0.1.2", "n0.2", "n0.3"))
+    assert rows["n0.1"]["left_node"] == ids["n0.1.0"] and rows["n0.1"]["right_node"] == ids["n0.1.1"]
+    assert join == {"extra_nodes": [ids["n0.1.2"]]}
+    assert seq == {"steps": [ids["n0.1.2.0"], ids["n0.1.2.1"], ids["n0.1.2.2"]]}
+    assert if_ == {"condition_node": ids["n0.2.0"]} and rows["n0.2"]["left_node"] == ids["n0.2.1"]
+    assert loop == {"condition_node": ids["n0.3.1"]} and rows["n0.3"]["left_node"] == ids["n0.3.0"]
+    assert rows["n0.2.2"]["inferred_status"] == "skipped"
+    assert rows["n0.2.2"]["inferred_status_from_ancestor_id"] == ids["n0.2"]
+
+
+async def test_two_nodes_whose_ids_would_collide_get_distinct_ids(dsn: str) -> None:
+    # For instance c0111de0, md5("c0111de0:n0.880") and md5("c0111de0:n0.28083") share their first
+    # 8 hex digits (found by search): in a sequence of 28,084 steps one of them gets another id.
+    def key(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()[:8]
+
+    assert key("c0111de0:n0.880") == key("c0111de0:n0.28083")
+    graph = {"type": "seq", "steps": [{"type": "sql", "query": "SELECT 1"}] * 28084}
+    conn = await asyncpg.connect(dsn)
+    try:
+        ids = json.loads(await conn.fetchval("SELECT df._node_ids('c0111de0', $1::jsonb)", json.dumps(graph)))
+    finally:
+        await conn.close()
+    assert len(ids) == 28085 and len(set(ids.values())) == 28085
+    assert ids["n0.28083"] == key("c0111de0:n0.28083")  # the first of the two as text keeps its digits
+    assert ids["n0.880"] == key("c0111de0:n0.880#2")
+
+
 # -- loops ----------------------------------------------------------------------------------------
 async def test_loop_states_results_and_break_in_the_condition(dsn: str) -> None:
     async with environment(dsn) as env:
@@ -96,9 +154,10 @@ async def test_loop_states_results_and_break_in_the_condition(dsn: str) -> None:
             "'SELECT 0' ~> df.loop('INSERT INTO ticks VALUES (1)', 'SELECT 1' ~> df.break('done'))")
         assert await env.val("SELECT df.await_instance($1)", broken) == "completed"
         assert await env.val("SELECT df.result($1)", broken) == '"done"'
-        loop = (await nodes(env.conn, broken))["n0.1"]
+        rows = await nodes(env.conn, broken)
+        loop = rows["n0.1"]
         assert loop["node_type"] == "LOOP" and loop["status"] == loop["inferred_status"] == "completed"
-        assert loop["result"] == '"done"' and json.loads(loop["query"]) == {"condition_node": "n0.1.1"}
+        assert loop["result"] == '"done"' and json.loads(loop["query"]) == {"condition_node": hex_id(rows, "n0.1.1")}
         # a while loop that ends because its condition is false returns its body's last result
         counted = await env.start("df.loop('SELECT count(*) AS n FROM ticks', 'SELECT false') |=> 'c' ~> 'SELECT $c.n'")
         assert await env.val("SELECT df.await_instance($1)", counted) == "completed"
@@ -136,10 +195,10 @@ async def test_a_loop_that_loses_a_race_ends_failed_with_the_reason(dsn: str) ->
         assert await env.val("SELECT df.await_instance($1)", instance_id) == "completed"
         loop = (await nodes(env.conn, instance_id))["n0.0.1"]
         assert loop["status"] == loop["inferred_status"] == "failed"
-        assert await env.val("SELECT error FROM df.nodes WHERE instance_id = $1 AND id = 'n0.0.1'",
-                             instance_id) == "cancelled: lost the race to branch 1"
-        # stamped by the parent for the branch's loop child: its scope, in its first generation
-        assert json.loads(loop["status_details"])["execution_id"] == f"{instance_id}::1::n0.0.1::1"
+        assert await env.val("SELECT error FROM df.nodes WHERE instance_id = $1 AND id = $2",
+                             instance_id, loop["node_id"]) == "cancelled: lost the race to branch 1"
+        # stamped by the parent for the branch's loop child: its scope (named by its 8-hex id), first generation
+        assert json.loads(loop["status_details"])["execution_id"] == f"{instance_id}::1::{loop['node_id']}::1"
         assert await env.val("SELECT count(*) FROM after_the_race") == 0  # the loser stopped: it ran on before
 
 

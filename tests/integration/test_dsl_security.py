@@ -119,10 +119,12 @@ async def test_instance_nodes(dsn: str) -> None:
                 " ~> ('SELECT $x > 0' ?> 'SELECT 2' !> 'SELECT 3'))"
             )
             assert await conn.fetchval("SELECT df.await_instance($1)", instance_id) == "completed"
-            rows = {r["node_id"]: r for r in await conn.fetch("SELECT * FROM df.instance_nodes($1)", instance_id)}
+            public = {r["node_id"]: r for r in await conn.fetch("SELECT * FROM df.instance_nodes($1)", instance_id)}
             relation = await conn.fetch("SELECT id, inferred_status FROM df.nodes WHERE instance_id = $1", instance_id)
             assert {r["id"]: r["inferred_status"] for r in relation} == {
-                k: r["inferred_status"] for k, r in rows.items()}
+                k: r["inferred_status"] for k, r in public.items()}
+            paths = dict(await conn.fetch("SELECT node_id, path FROM df._node_rows($1)", instance_id))
+            rows = {paths[k]: r for k, r in public.items()}  # by graph path
         finally:
             await conn.close()
     assert rows["n0"]["node_type"] == "THEN" and rows["n0"]["inferred_status"] == "completed"
