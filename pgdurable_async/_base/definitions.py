@@ -41,6 +41,9 @@ class ActivityDef:
     transactional: bool
     timeout: float | None = None  # start-to-close, per attempt
     queue: str | None = None  # the name of its pgd.Queue, if any
+    #: Before each attempt of a non-transactional activity: ``check(ctx, input)`` in a short
+    #: transaction of its own (``ctx`` a :class:`TransactionContext`); raising fails the attempt.
+    check: Callable[[TransactionContext, Any], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,12 @@ async def sql_node(ctx: TransactionContext, data: dict[str, Any]) -> dict[str, A
     )
 
 
+async def http_grant(ctx: TransactionContext, data: dict[str, Any]) -> None:
+    """Before each HTTP request of a ``df.start`` graph: its submitter still holds the df.http grant."""
+    assert ctx.conn is not None
+    await node_store.check_http_grant(ctx.conn, schema=ctx.schema, instance_id=ctx.instance_id)
+
+
 def builtin_orchestrations() -> list[OrchestrationDef]:
     return [OrchestrationDef(GRAPH_ORCHESTRATION, graph_orchestration)]
 
@@ -54,7 +60,7 @@ def builtin_orchestrations() -> list[OrchestrationDef]:
 def builtin_activities() -> list[ActivityDef]:
     return [
         ActivityDef(SQL_ACTIVITY, sql_node, SQL_RETRY, transactional=True),
-        ActivityDef(HTTP_ACTIVITY, http_node, HTTP_RETRY, transactional=False),
+        ActivityDef(HTTP_ACTIVITY, http_node, HTTP_RETRY, transactional=False, check=http_grant),
     ]
 
 

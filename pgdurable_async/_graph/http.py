@@ -15,7 +15,7 @@ from .._base.types import RetryPolicy
 
 HTTP_ALLOW_ENV = "PGDURABLE_HTTP_ALLOW"
 HTTP_RETRY = RetryPolicy(max_attempts=3, initial_interval=1.0,
-                         non_retryable=("HttpNotAllowed", "GraphError", "InvalidPart"))
+                         non_retryable=("HttpNotAllowed", "GraphError", "InvalidPart", "NodeRefused"))
 _ERROR_PREVIEW = 512  # characters of a 5xx body kept in the error
 _http_allow: set[str] = set()
 

@@ -13,7 +13,7 @@ import asyncio
 import builtins
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -159,9 +159,19 @@ class ActivityWorker:
         if definition.transactional:
             await self._execute_transactional(definition, item)
         else:
+            if definition.check is not None:
+                await self._check(definition.check, item)
             ctx = ActivityContext(item.instance_id, item.activity_id, item.name, item.attempt)
             result = await definition.fn(ctx, item.input)
             self._finish(self._success(item, result))
+
+    async def _check(self, check: Callable[[TransactionContext, Any], Awaitable[None]], item: WorkItem) -> None:
+        """An activity's own check before an attempt (the HTTP node's: its submitter still holds the grant)."""
+        async def work(conn: Connection) -> None:
+            await check(TransactionContext(item.instance_id, item.activity_id, item.name, item.attempt, conn=conn,
+                                           schema=self.db.schema), item.input)
+
+        await self.db.run(work)
 
     async def _execute_transactional(self, definition: ActivityDef, item: WorkItem) -> None:
         async def work(conn: Connection) -> None:

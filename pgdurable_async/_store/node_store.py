@@ -55,15 +55,7 @@ async def run_node_sql(
         result = rows_result(stmt.get_attributes(), await stmt.fetch(*params))
         await conn.execute(q("leave_app_graph"))
         return result
-    if row["status"] == "cancelled":  # df.cancel marked it; its worker turn has not caught up yet
-        raise NodeRefused(f"instance {instance_id!r} was cancelled; node {node_id} does not run")
-    if row["rolname"] is None:
-        raise NodeRefused(f"the role that submitted instance {instance_id!r} no longer exists; its SQL cannot run")
-    if row["rolsuper"] and not row["superuser_allowed"]:
-        raise NodeRefused(
-            f"instance {instance_id!r} was submitted by the superuser {row['rolname']!r}, and superuser instances "
-            "are disabled (set pg_durable.enable_superuser_instances = on for the worker's sessions to allow them)"
-        )
+    _check_submitter(row, instance_id, f"node {node_id}", "its SQL")
     try:
         await conn.execute(q("enter_tenant"), row["rolname"], search_path)
     except asyncpg.InsufficientPrivilegeError:
@@ -81,6 +73,44 @@ async def run_node_sql(
     await conn.execute(q("leave_tenant"))
     await conn.execute(q("discard_tenant_state"))
     return rows_result(attributes, records)
+
+
+def _check_submitter(row: Any, instance_id: str, node: str, what: str) -> None:
+    """Refuse a node of a ``df.start`` instance that was cancelled, or whose submitter is gone or a barred superuser."""
+    if row["status"] == "cancelled":  # df.cancel marked it; its worker turn has not caught up yet
+        raise NodeRefused(f"instance {instance_id!r} was cancelled; {node} does not run")
+    if row["rolname"] is None:
+        raise NodeRefused(f"the role that submitted instance {instance_id!r} no longer exists; {what} cannot run")
+    if row["rolsuper"] and not row["superuser_allowed"]:
+        raise NodeRefused(
+            f"instance {instance_id!r} was submitted by the superuser {row['rolname']!r}, and superuser instances "
+            "are disabled (set pg_durable.enable_superuser_instances = on for the worker's sessions to allow them)"
+        )
+
+
+#: The function whose grant lets a submitter's graph make HTTP requests (as df.start checks it).
+HTTP_FUNCTION = "df.http(text, text, text, jsonb, integer)"
+
+
+async def check_http_grant(conn: Connection, *, schema: str, instance_id: str) -> None:
+    """Refuse an HTTP node of a ``df.start`` graph whose submitter no longer may use ``df.http``.
+
+    ``df.start`` checked the grant when the graph was submitted; this checks it again before each
+    request, so ``df.revoke_usage`` or a revoked http grant stops the graph's later HTTP nodes.
+    Graphs an app registers (``App.graph``) are its own code and are not checked.
+    """
+    await conn.execute(q("set_search_path"), search_path_of(schema))
+    row = await conn.fetchrow(q("node_http_grant"), instance_id, HTTP_FUNCTION)
+    if row is None:
+        raise NodeRefused(f"instance {instance_id!r} of an HTTP node does not exist")
+    if row["name"] != GRAPH_ORCHESTRATION:
+        return
+    _check_submitter(row, instance_id, "its HTTP node", "its HTTP node")
+    if not row["granted"]:
+        raise NodeRefused(
+            f"role {row['rolname']!r} may no longer use df.http (its grant was revoked after instance "
+            f"{instance_id!r} started): df.grant_usage(role, include_http => true)"
+        )
 
 
 #: Column types a result cannot carry, as in pg_durable (binary data has no JSON form both sides read alike).

@@ -21,6 +21,7 @@ import pytest
 
 import pgdurable_async as pgd
 from tests.integration.test_dsl_security import as_user, login_roles
+from tests.integration.test_dsl_sql import http_server
 
 app = pgd.App()
 SECRET = "bob-s-secret-7f3a"
@@ -200,6 +201,26 @@ async def test_http_without_the_grant_by_any_route(dsn: str) -> None:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await t.alice.execute(call, graph)
         assert await t.admin.fetchval("SELECT count(*) FROM pgdurable.instances") == 0
+
+
+async def test_a_revoked_http_grant_stops_the_graphs_later_http_nodes(
+    dsn: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PGDURABLE_HTTP_ALLOW", "127.0.0.1")
+    with http_server() as (url, seen):
+        async with tenants(dsn) as t:
+            alice = t.names["alice"]
+            await t.admin.execute(f"SELECT df.grant_usage('{alice}', include_http => true)")
+            _, status = await t.run(t.alice, "df.http($1, 'GET')", f"{url}/granted")
+            assert status == "completed" and [r["path"] for r in seen] == ["/granted"]
+            # the grant is taken back while the graph sleeps before its request: the request is never made
+            instance_id = await t.alice.fetchval("SELECT df.start(df.sleep(3) ~> df.http($1, 'GET'))", f"{url}/revoked")
+            await t.admin.execute(
+                f'REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM "{alice}"')
+            assert await t.alice.fetchval("SELECT df.await_instance($1, 30)", instance_id) == "failed"
+            error = await t.alice.fetchval("SELECT error->>'message' FROM df.instances WHERE id = $1", instance_id)
+            assert "may no longer use df.http" in error, error
+            assert [r["path"] for r in seen] == ["/granted"]
 
 
 # -- 5. a client role cannot reach the graph interpreter -------------------------------------------------

@@ -592,6 +592,17 @@ SELECT i.name, i.status, i.submitted_by, r.rolname, coalesce(r.rolsuper, false) 
 FROM instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
 WHERE i.instance_id = $1;
 
+-- name: node_http_grant
+-- Whether the role that submitted a graph may still use df.http now ($2: df.http's signature;
+-- df.start checks it for multipart nodes too): df usage and the function's grant.
+SELECT i.name, i.status, r.rolname, coalesce(r.rolsuper, false) AS rolsuper,
+       lower(btrim(coalesce(current_setting('pg_durable.enable_superuser_instances', true), '')))
+           IN ('on', 'true', 'yes', '1') AS superuser_allowed,
+       r.oid IS NOT NULL AND has_schema_privilege(r.oid, 'df', 'USAGE')
+           AND has_function_privilege(r.oid, $2::text, 'EXECUTE') AS granted
+FROM instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+WHERE i.instance_id = $1;
+
 -- name: enter_tenant
 -- For the rest of the transaction: the tenant's role and search_path (qualified calls only
 -- from here on: the tenant's search_path may shadow unqualified names), and df.in_workflow,
