@@ -137,6 +137,9 @@ async def test_actions_are_refused_unless_enabled_and_authorised(dsn: str) -> No
     async with pgd.Runtime(app, dsn) as runtime:
         for name in ("a1", "a2", "a3"):
             await runtime.client.start(waiter, None, instance_id=name)
+        with anyio.fail_after(20):  # a1 has run its first turn (so "nothing happened" below can be told apart)
+            while (await runtime.client.status("a1")).status is not pgd.Status.RUNNING:
+                await anyio.sleep(0.05)
         good = {"Authorization": f"Bearer {TOKEN}"}
         async with web(dsn) as http:  # read-only: refused whatever the token
             for action in ("cancel", "terminate", "raise-event"):
