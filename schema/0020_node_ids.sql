@@ -205,14 +205,14 @@ BEGIN
     ORDER BY p.node_id;
 END $$;
 
--- pg_durable's columns (0019's signature), ids in place of paths.
-CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
+-- pg_durable's df.instance_nodes, ids in place of paths.
+CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
                status text, result text, status_details text, inferred_status text,
-               inferred_status_from_ancestor_id text, updated_at timestamptz, error text)
+               inferred_status_from_ancestor_id text, updated_at timestamptz)
 LANGUAGE sql VOLATILE STRICT AS $$
     SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result,
-           n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at, n.error
+           n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at
     FROM df._node_rows(instance_id_param) n;
 $$;
 
@@ -223,6 +223,8 @@ SELECT n.node_id::text AS id, i.id AS instance_id, n.node_type, n.query, n.resul
        n.status_details::jsonb AS status_details, n.inferred_status, n.inferred_status_from_ancestor_id
 FROM df.instances i
 CROSS JOIN LATERAL df._node_rows(i.id) n;
+
+DROP FUNCTION df._instance_nodes(text);  -- df._node_rows replaces it
 
 -- df.explain reads node states by path.
 CREATE OR REPLACE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql VOLATILE STRICT AS $$

@@ -2103,7 +2103,8 @@ $$;
 -- status_details->>'execution_id' is pg_durable's lineage stamp: the instance id and the node's
 -- execution, then `::<node id>::<generation>` per scope around the node (a JOIN or RACE branch,
 -- a loop off the root spine; the loop and its body share its scope; a loop's generation is its
--- iteration from 1, a branch's 1).
+-- iteration from 1, a branch's 1).  Nodes are named by 8-hex ids (df._node_ids), each row's graph
+-- path last: df.instance_nodes and df.nodes show the ids, df.explain reads states by path.
 CREATE OR REPLACE FUNCTION df._node_rows(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
                status text, result text, status_details text, inferred_status text,
@@ -2226,16 +2227,6 @@ BEGIN
     ORDER BY p.node_id;
 END $$;
 
-CREATE OR REPLACE FUNCTION df._instance_nodes(instance_id_param text)
-RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
-               status text, result text, status_details text, inferred_status text,
-               inferred_status_from_ancestor_id text, updated_at timestamptz, error text)
-LANGUAGE sql VOLATILE STRICT AS $$
-    SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result,
-           n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at, n.error
-    FROM df._node_rows(instance_id_param) n;
-$$;
-
 CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
                status text, result text, status_details text, inferred_status text,
@@ -2243,7 +2234,7 @@ RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_
 LANGUAGE sql VOLATILE STRICT AS $$
     SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result,
            n.status_details, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at
-    FROM df._instance_nodes(instance_id_param) n;
+    FROM df._node_rows(instance_id_param) n;
 $$;
 
 -- Every node of every visible instance (computed per instance), pg_durable's columns first.

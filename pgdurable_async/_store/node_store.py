@@ -45,7 +45,7 @@ async def run_node_sql(
     commit together.
     """
     await conn.execute(q("set_search_path"), search_path_of(schema))
-    row = await conn.fetchrow(q("node_submitter"), instance_id)
+    row = await conn.fetchrow(q("node_submitter"), instance_id, None)
     if row is None:
         raise NodeRefused(f"instance {instance_id!r} of node {node_id} does not exist")
     if row["name"] != GRAPH_ORCHESTRATION:  # App.graph: trusted code, the worker's role
@@ -100,7 +100,7 @@ async def check_http_grant(conn: Connection, *, schema: str, instance_id: str) -
     Graphs an app registers (``App.graph``) are its own code and are not checked.
     """
     await conn.execute(q("set_search_path"), search_path_of(schema))
-    row = await conn.fetchrow(q("node_http_grant"), instance_id, HTTP_FUNCTION)
+    row = await conn.fetchrow(q("node_submitter"), instance_id, HTTP_FUNCTION)
     if row is None:
         raise NodeRefused(f"instance {instance_id!r} of an HTTP node does not exist")
     if row["name"] != GRAPH_ORCHESTRATION:

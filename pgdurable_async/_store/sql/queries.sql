@@ -585,20 +585,12 @@ SELECT EXISTS (SELECT 1 FROM orchestrator_queue WHERE orchestration = ANY($1::te
 
 -- name: node_submitter
 -- Who a graph node's SQL runs as: the role recorded when the instance was submitted (and whether
--- this worker's settings let a superuser's graph run).
+-- this worker's settings let a superuser's graph run); with $2, a function's signature (df.http's
+-- for an HTTP node), whether that role may still use df and call it.
 SELECT i.name, i.status, i.submitted_by, r.rolname, coalesce(r.rolsuper, false) AS rolsuper,
        lower(btrim(coalesce(current_setting('pg_durable.enable_superuser_instances', true), '')))
-           IN ('on', 'true', 'yes', '1') AS superuser_allowed
-FROM instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
-WHERE i.instance_id = $1;
-
--- name: node_http_grant
--- Whether the role that submitted a graph may still use df.http now ($2: df.http's signature;
--- df.start checks it for multipart nodes too): df usage and the function's grant.
-SELECT i.name, i.status, r.rolname, coalesce(r.rolsuper, false) AS rolsuper,
-       lower(btrim(coalesce(current_setting('pg_durable.enable_superuser_instances', true), '')))
            IN ('on', 'true', 'yes', '1') AS superuser_allowed,
-       r.oid IS NOT NULL AND has_schema_privilege(r.oid, 'df', 'USAGE')
+       $2::text IS NOT NULL AND r.oid IS NOT NULL AND has_schema_privilege(r.oid, 'df', 'USAGE')
            AND has_function_privilege(r.oid, $2::text, 'EXECUTE') AS granted
 FROM instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
 WHERE i.instance_id = $1;
