@@ -104,7 +104,10 @@ def main() -> int:
     if not files:
         print(f"error: no .sql files in {args.suite}", file=sys.stderr)
         return 2
-    setup = next(f for f in files if f.name.startswith("00_setup"))
+    setup = next((f for f in files if f.name.startswith("00_setup")), None)
+    if setup is None:
+        print(f"error: {args.suite} has no 00_setup*.sql (is it pg_durable's tests/e2e/sql?)", file=sys.stderr)
+        return 2
     if args.only:
         chosen = [f for f in files if not f.name.startswith("00_") and any(f.name.startswith(p) for p in args.only)]
     else:
