@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -49,7 +50,9 @@ class Observer:
         self.db = db
         self.metrics = metrics
         self._planned: dict[str, _Turn] = {}  # by instance id (locked by one batch at a time)
-        self._running: dict[int, float] = {}  # work item id -> time.time() its attempt started
+        # lease token -> time.time() its attempt started: one per claim (a work item whose lease ran
+        # out mid-attempt can be claimed again by this process while the first attempt still runs)
+        self._running: dict[uuid.UUID, float] = {}
         self._traces: OrderedDict[str, tracing.Carrier | None] = OrderedDict()  # instance id -> carrier
         self._reported: datetime | None = None
         self._attempts: dict[tuple[str, str], Any] = {}  # (activity, outcome) -> its counter child
@@ -106,7 +109,7 @@ class Observer:
     async def run_activity(self, item: WorkItem, run: Callable[[WorkItem], Awaitable[None]]) -> None:
         """Run one attempt (``run`` never raises but for cancellation), timed and traced."""
         started = time.perf_counter()
-        self._running[item.id] = time.time()  # also what pgdurable_activities_running counts
+        self._running[item.lease_token] = time.time()  # also what pgdurable_activities_running counts
         try:
             if self._tracing:
                 parent = self._traces.get(item.instance_id)
@@ -119,7 +122,7 @@ class Observer:
             if self.metrics:
                 self._duration(item.name).observe(time.perf_counter() - started)
         finally:
-            del self._running[item.id]
+            del self._running[item.lease_token]
 
     def attempt_failed(self, item: WorkItem, policy: RetryPolicy, error: dict[str, Any]) -> None:
         """An attempt raised ``error``: say whether and when it runs again."""

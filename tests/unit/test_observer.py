@@ -7,6 +7,7 @@ import json
 import logging
 import uuid
 
+import anyio
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pgdurable_async._cli.logs import JsonFormatter
@@ -32,6 +33,30 @@ async def test_an_unreachable_database_costs_activities_their_parent_span_only(s
     [span] = map(as_dict, spans.get_finished_spans())
     assert span["name"] == "pgdurable.activity" and span["parent_span_id"] is None
     assert span["attributes"] == {"pgdurable.instance_id": "inst", "pgdurable.name": "act", "pgdurable.attempt": 2}
+
+
+async def test_an_item_claimed_again_while_its_first_attempt_runs_is_counted_apart() -> None:
+    # A lease that ran out mid-attempt (the database was away) lets this process claim the same work
+    # item again: two attempts of one item id, each with its own lease token, overlap.
+    observer = Observer(Database("postgresql://nobody@127.0.0.1:1/nothing"))
+    first = WorkItem(7, "inst", 1, 1, "act", None, None, 1, uuid.uuid4())
+    again = WorkItem(7, "inst", 1, 1, "act", None, None, 1, uuid.uuid4())
+    release_first, release_again = anyio.Event(), anyio.Event()
+    counts: list[int] = []
+
+    async def run(item: WorkItem) -> None:
+        await (release_first if item is first else release_again).wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(observer.run_activity, first, run)
+        tg.start_soon(observer.run_activity, again, run)
+        await anyio.sleep(0.01)
+        counts.append(observer.running())
+        release_first.set()
+        await anyio.sleep(0.01)
+        counts.append(observer.running())  # the first ended; the second still runs
+        release_again.set()
+    assert counts == [2, 1] and observer.running() == 0
 
 
 def test_json_lines_carry_the_extra_fields() -> None:
