@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import logging
 import math
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,7 +64,9 @@ class ActivityWorker:
         self.lease_seconds = lease_seconds
         self.claim_batch = claim_batch
         self.max_payload_bytes = max_payload_bytes
-        self.inflight: dict[int, WorkItem] = {}  # leased and not yet acked (leases are extended)
+        # leased and not yet acked (leases are extended), by lease token: one per claim, so a second claim
+        # of an item whose lease ran out mid-attempt is tracked apart from the first
+        self.inflight: dict[uuid.UUID, WorkItem] = {}
         self.running = 0  # claimed and still executing: what max_concurrency bounds
         self.acks_pending = Wakeup()
         self.capacity = Wakeup()
@@ -111,7 +114,7 @@ class ActivityWorker:
 
     def _taken(self, items: list[WorkItem]) -> None:
         for item in items:
-            self.inflight[item.id] = item
+            self.inflight[item.lease_token] = item
         self.running += len(items)
 
     async def next_due(self) -> float | None:
@@ -200,7 +203,7 @@ class ActivityWorker:
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
             self._finish(self._failure(definition, item, cause))
             return
-        self.inflight.pop(item.id, None)
+        self.inflight.pop(item.lease_token, None)
         self.stats["completed"] += 1
         self.observer.outcome(item, ev.ACTIVITY_COMPLETED)
 
@@ -259,7 +262,7 @@ class ActivityWorker:
         if acks and self.notify is not None:
             self.notify(self.db.channel("orch"))
         for o in batch:
-            self.inflight.pop(o.item.id, None)
+            self.inflight.pop(o.item.lease_token, None)
         self.stats["acks"] += 1
         self.stats["completed"] += sum(1 for o in acks if o.kind == ev.ACTIVITY_COMPLETED)
         self.stats["failed"] += sum(1 for o in acks if o.kind == ev.ACTIVITY_FAILED)
