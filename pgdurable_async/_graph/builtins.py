@@ -50,7 +50,7 @@ async def sql_node(ctx: TransactionContext, data: dict[str, Any]) -> dict[str, A
 async def http_grant(ctx: TransactionContext, data: dict[str, Any]) -> None:
     """Before each HTTP request of a ``df.start`` graph: its submitter still holds the df.http grant."""
     assert ctx.conn is not None
-    await node_store.check_http_grant(ctx.conn, schema=ctx.schema, instance_id=ctx.instance_id)
+    await node_store.check_http_grant(ctx.conn, instance_id=ctx.instance_id)
 
 
 def builtin_orchestrations() -> list[OrchestrationDef]:

@@ -92,14 +92,14 @@ def _check_submitter(row: Any, instance_id: str, node: str, what: str) -> None:
 HTTP_FUNCTION = "df.http(text, text, text, jsonb, integer)"
 
 
-async def check_http_grant(conn: Connection, *, schema: str, instance_id: str) -> None:
+async def check_http_grant(conn: Connection, *, instance_id: str) -> None:
     """Refuse an HTTP node of a ``df.start`` graph whose submitter no longer may use ``df.http``.
 
     ``df.start`` checked the grant when the graph was submitted; this checks it again before each
     request, so ``df.revoke_usage`` or a revoked http grant stops the graph's later HTTP nodes.
-    Graphs an app registers (``App.graph``) are its own code and are not checked.
+    Graphs an app registers (``App.graph``) are its own code and are not checked.  ``conn`` is one
+    of the runtime's own sessions (its search_path names our schema).
     """
-    await conn.execute(q("set_search_path"), search_path_of(schema))
     row = await conn.fetchrow(q("node_submitter"), instance_id, HTTP_FUNCTION)
     if row is None:
         raise NodeRefused(f"instance {instance_id!r} of an HTTP node does not exist")
